@@ -1,0 +1,1 @@
+"""Bridges (C2C fusers) between two models: alignment, training, evaluation, storage."""

@@ -1,0 +1,1 @@
+"""Client SDK and the KV cache wire format (no torch needed)."""

@@ -1,0 +1,1 @@
+"""Agent and broker servers, model loading and KV cache handling (needs torch)."""
