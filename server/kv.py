@@ -40,7 +40,7 @@ def prefill(lm: LoadedModel, token_ids: list[int], cache: DynamicCache | None = 
     past = cache.get_seq_length()
     positions = torch.arange(past, past + len(token_ids), device=lm.model.device).unsqueeze(0)
     out = lm.model(input_ids=input_ids, cache=cache, position_ids=positions, use_cache=True)
-    return out.past_key_values, out.logits[0, -1]
+    return out.cache, out.logits[0, -1]
 
 
 def cache_layers(cache: DynamicCache) -> Layers:
