@@ -5,9 +5,9 @@ import pytest
 
 from cachetalk.benchmarks.stats import accuracy_summary, percentile, ratio, summarize_ms, wilson_interval
 
-# Wilson score intervals without continuity correction, from Newcombe (1998),
-# "Two-sided confidence intervals for the single proportion", Statistics in Medicine
-# 17:857-872, table I, method 3; plus the symmetric 5 of 10 case.
+# Wilson score intervals without continuity correction for the worked examples of
+# Newcombe (1998), "Two-sided confidence intervals for the single proportion",
+# Statistics in Medicine 17:857-872, and for the symmetric case of 5 in 10.
 NEWCOMBE_CASES = [
     (81, 263, 0.2553, 0.3662),
     (15, 148, 0.0624, 0.1605),
