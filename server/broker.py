@@ -1,0 +1,377 @@
+"""The broker: one OpenAI-compatible endpoint in front of the agents, routing c2c, t2t and solo.
+
+    cachetalk broker --config broker.yaml [--host 127.0.0.1] [--port 8000]
+
+`model` names the receiver. The `cachetalk` object in the body (the OpenAI SDK sends
+it with `extra_body`) names the sharers and the mode:
+
+    {"model": "smollm2-135m", "messages": [...],
+     "cachetalk": {"sharers": ["gemma3-270m"], "mode": "c2c", "bridge": null}}
+
+The mode defaults to c2c when sharers are named and to solo otherwise; `bridge` picks
+a bridge by name where several fit a pair. Every response carries
+`cachetalk: {mode, sharers, bridge, timings}`; a stream carries it in its last chunk.
+Routes: `/v1/chat/completions`, `/v1/models`, `/v1/agents`, `/v1/bridges`, `/health`,
+`/metrics`. See `broker_config` for the config file and `broker_modes` for the modes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Literal
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import Counter, Histogram
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from cachetalk.server.broker_agents import AgentClient
+from cachetalk.server.broker_bridges import BridgeRegistry
+from cachetalk.server.broker_config import BrokerConfig, ConfigError, load_config
+from cachetalk.server.broker_modes import MODES, BrokerContext, ChatRequest, Outcome, Piece
+from cachetalk.server.broker_tokenizers import TokenizerStore
+from cachetalk.server.errors import APIError, install_error_handlers
+from cachetalk.server.metrics import CONTENT_TYPE, LATENCY_BUCKETS, ServerMetrics
+from cachetalk.server.middleware import RequestLogMiddleware
+
+logger = logging.getLogger(__name__)
+
+BROKER_PATHS = frozenset({"/health", "/metrics", "/v1/models", "/v1/agents", "/v1/bridges", "/v1/chat/completions"})
+
+
+class Extension(BaseModel):
+    """The `cachetalk` object of a chat request."""
+
+    model_config = ConfigDict(extra="forbid")
+    sharers: list[str] = []
+    mode: Literal["c2c", "t2t", "solo"] | None = None
+    bridge: str | None = None
+
+
+class ChatBody(BaseModel):
+    """The fields of `/v1/chat/completions` the broker reads; others are accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+    messages: list[dict] = Field(min_length=1)
+    stream: bool = False
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream_options: dict | None = None
+    cachetalk: Extension = Extension()
+
+    @field_validator("messages")
+    @classmethod
+    def _flatten_content(cls, messages: list[dict]) -> list[dict]:
+        """Keep role and text; list content (OpenAI text parts) is joined into one string."""
+        flat = []
+        for index, message in enumerate(messages):
+            role, content = message.get("role"), message.get("content")
+            if not isinstance(role, str):
+                raise ValueError(f"messages[{index}] has no role")
+            if isinstance(content, list):
+                content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+            if content is not None and not isinstance(content, str):
+                raise ValueError(f"messages[{index}].content must be a string or a list of text parts")
+            flat.append({"role": role, "content": content or ""})
+        return flat
+
+
+class BrokerMetrics(ServerMetrics):
+    """Request counts plus per-stage latency histograms by mode."""
+
+    def __init__(self):
+        super().__init__("broker", known_paths=BROKER_PATHS)
+        self.stages = Histogram("cachetalk_broker_stage_seconds", "Time per stage of a broker request",
+                                ["stage", "mode"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.outcomes = Counter("cachetalk_broker_requests", "Chat requests by mode and outcome",
+                                ["mode", "outcome"], registry=self.registry)
+
+    def observe(self, mode: str, timings: dict[str, float | None]) -> None:
+        for key, ms in timings.items():
+            if ms is not None:
+                self.stages.labels(key.removesuffix("_ms"), mode).observe(ms / 1000)
+
+
+class Broker:
+    """The broker's state: config, agent clients, bridges, tokenizers, metrics."""
+
+    def __init__(self, config: BrokerConfig, bridges: BridgeRegistry):
+        self.config = config
+        timeouts = config.timeouts
+        self.http = httpx.AsyncClient(timeout=httpx.Timeout(timeouts.read, connect=timeouts.connect),
+                                      limits=httpx.Limits(max_connections=64, max_keepalive_connections=16))
+        self.agents = {name: AgentClient(agent, timeouts, self.http) for name, agent in config.agents.items()}
+        self.context = BrokerContext(self.agents, bridges, TokenizerStore(), config.t2t_max_tokens)
+        self.metrics = BrokerMetrics()
+        self.created = int(time.time())
+
+    def chat_request(self, body: ChatBody, request_id: str) -> ChatRequest:
+        """Check names and modes and build the request the modes run."""
+        if body.n != 1:
+            raise APIError(400, "only n=1 is supported", param="n")
+        if body.model not in self.agents:
+            raise APIError(404, f"The model `{body.model}` does not exist; agents: {sorted(self.agents)}",
+                           param="model", code="model_not_found")
+        options = body.cachetalk
+        for name in options.sharers:
+            if name not in self.agents:
+                raise APIError(404, f"unknown sharer {name!r}; agents: {sorted(self.agents)}",
+                               param="cachetalk.sharers", code="model_not_found")
+        if len(set(options.sharers)) != len(options.sharers):
+            raise APIError(400, f"sharers {options.sharers} name an agent twice", param="cachetalk.sharers")
+
+        mode = options.mode or ("c2c" if options.sharers else "solo")
+        if mode != "solo" and not options.sharers:
+            raise APIError(400, f"mode {mode} needs at least one sharer in cachetalk.sharers",
+                           param="cachetalk.sharers")
+        sharers = options.sharers if mode != "solo" else []
+
+        sampling = {"max_tokens": body.max_completion_tokens or body.max_tokens, "temperature": body.temperature,
+                    "top_p": body.top_p, "seed": body.seed, "stop": body.stop}
+        sampling = {name: value for name, value in sampling.items() if value is not None}
+        return ChatRequest(request_id, body.model, sharers, mode, options.bridge, body.messages, sampling)
+
+    async def health(self) -> dict:
+        probes = await asyncio.gather(*(agent.health() for agent in self.agents.values()))
+        agents = {name: {"url": agent.url, "status": status, "detail": detail}
+                  for (name, agent), (status, detail) in zip(self.agents.items(), probes)}
+        return {"status": "ok", "agents": agents}
+
+    async def agent_list(self) -> list[dict]:
+        health = (await self.health())["agents"]
+        entries = []
+        for name, agent in self.agents.items():
+            if health[name]["status"] == "ok" and agent.info is None:
+                try:
+                    await agent.model_info()
+                except APIError as exc:
+                    logger.warning("cannot read the model info of agent %s: %s", name, exc.message)
+            entries.append({"name": name, "url": agent.url, "status": health[name]["status"], "model": agent.info})
+        return entries
+
+
+class _ClientGone(Exception):
+    """The client closed the connection before the answer was complete."""
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # The body has been read already, so the next message can only be the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _until_disconnect(request: Request, events: AsyncIterator) -> AsyncIterator:
+    """Run `events` in its own task and yield its items; cancel it when the client disconnects.
+
+    Cancelling the task closes the open requests to the agents, which stop their work.
+    """
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump() -> None:
+        try:
+            async for item in events:
+                await queue.put(item)
+            await queue.put(done)
+        except Exception as exc:  # handed to the consumer, which raises it
+            await queue.put(exc)
+
+    producer = asyncio.create_task(pump())
+    watcher = asyncio.create_task(_wait_for_disconnect(request))
+    try:
+        while True:
+            getter = asyncio.create_task(queue.get())
+            await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                raise _ClientGone()
+            item = getter.result()
+            if item is done:
+                return
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        watcher.cancel()
+        producer.cancel()
+
+
+def _info(request: ChatRequest, outcome: Outcome) -> dict:
+    return {"mode": request.mode, "sharers": request.sharers, "bridge": outcome.bridge, "timings": outcome.timings}
+
+
+def _log_details(http_request: Request, chat: ChatRequest, outcome: Outcome | None) -> None:
+    details = http_request.state.log_details
+    details.update(mode=chat.mode, receiver=chat.receiver, sharers=",".join(chat.sharers) or "-")
+    if outcome is not None:
+        details.update({key: value for key, value in outcome.timings.items() if value is not None})
+
+
+async def _complete(broker: Broker, http_request: Request, chat: ChatRequest) -> JSONResponse:
+    parts, outcome = [], None
+    async for item in _until_disconnect(http_request, MODES[chat.mode](broker.context, chat)):
+        if isinstance(item, Piece):
+            parts.append(item.text)
+        else:
+            outcome = item
+    broker.metrics.observe(chat.mode, outcome.timings)
+    _log_details(http_request, chat, outcome)
+    body = {
+        "id": f"chatcmpl-{chat.id}", "object": "chat.completion", "created": int(time.time()), "model": chat.receiver,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
+                     "finish_reason": outcome.finish_reason}],
+        "usage": outcome.usage, "cachetalk": _info(chat, outcome),
+    }
+    return JSONResponse(body)
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+async def _stream(broker: Broker, http_request: Request, chat: ChatRequest, include_usage: bool) -> AsyncIterator[str]:
+    base = {"id": f"chatcmpl-{chat.id}", "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": chat.receiver}
+    yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                     "finish_reason": None}]})
+    try:
+        async for item in _until_disconnect(http_request, MODES[chat.mode](broker.context, chat)):
+            if isinstance(item, Piece):
+                yield _sse({**base, "choices": [{"index": 0, "delta": {"content": item.text}, "finish_reason": None}]})
+                continue
+            broker.metrics.observe(chat.mode, item.timings)
+            broker.metrics.outcomes.labels(chat.mode, "ok").inc()
+            _log_details(http_request, chat, item)
+            last = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": item.finish_reason}]}
+            if include_usage:
+                yield _sse(last)
+                last = {**base, "choices": [], "usage": item.usage}
+            yield _sse({**last, "cachetalk": _info(chat, item)})
+    except APIError as exc:
+        # The status line has gone out already: the error travels as the last event.
+        broker.metrics.outcomes.labels(chat.mode, str(exc.status)).inc()
+        _log_details(http_request, chat, None)
+        http_request.state.log_details["error"] = exc.status
+        logger.warning("request %s failed while streaming with %d: %s", chat.id, exc.status, exc.message)
+        yield _sse({"error": {**exc.body()["error"], "status": exc.status}})
+    except _ClientGone:
+        broker.metrics.outcomes.labels(chat.mode, "client_disconnected").inc()
+        http_request.state.log_details["outcome"] = "client disconnected"
+        return
+    except Exception:
+        logger.error("request %s failed while streaming", chat.id, exc_info=True)
+        error = APIError(500, f"internal error while serving request {chat.id}; see the broker log",
+                         code="internal_error", error_type="server_error")
+        yield _sse({"error": {**error.body()["error"], "status": 500}})
+    yield "data: [DONE]\n\n"
+
+
+def create_app(config: BrokerConfig, bridges: BridgeRegistry | None = None) -> FastAPI:
+    """Build the broker app; without `bridges`, the bridges of the config load at startup."""
+    state: dict[str, Broker] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        registry = bridges or await asyncio.to_thread(BridgeRegistry.load, config.bridge_dirs)
+        state["broker"] = Broker(config, registry)
+        logger.info("broker ready: agents %s, bridges %s", {n: a.url for n, a in config.agents.items()},
+                    registry.describe())
+        yield
+        await state["broker"].http.aclose()
+
+    app = FastAPI(title="cachetalk broker", lifespan=lifespan)
+    install_error_handlers(app)
+
+    def count(method: str, path: str, status: int, seconds: float) -> None:
+        if "broker" in state:
+            state["broker"].metrics.count_request(method, path, status, seconds)
+
+    app.add_middleware(RequestLogMiddleware, on_finish=count)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        broker = state["broker"]
+        try:
+            raw = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise APIError(400, f"the request body is not valid JSON: {exc}") from None
+        body = ChatBody.model_validate(raw)
+        request_id = getattr(request.state, "request_id", None) or uuid.uuid4().hex
+        chat = broker.chat_request(body, request_id)
+        if body.stream:
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            return StreamingResponse(_stream(broker, request, chat, include_usage), media_type="text/event-stream")
+        try:
+            response = await _complete(broker, request, chat)
+        except APIError as exc:
+            broker.metrics.outcomes.labels(chat.mode, str(exc.status)).inc()
+            _log_details(request, chat, None)
+            raise
+        except _ClientGone:
+            broker.metrics.outcomes.labels(chat.mode, "client_disconnected").inc()
+            request.state.log_details["outcome"] = "client disconnected"
+            return Response(status_code=499)
+        broker.metrics.outcomes.labels(chat.mode, "ok").inc()
+        return response
+
+    @app.get("/v1/models")
+    async def list_models():
+        broker = state["broker"]
+        bridges = broker.context.bridges.bridges.values()
+        data = [{"id": name, "object": "model", "owned_by": "cachetalk", "created": broker.created,
+                 "bridges": [b.name for b in bridges if b.receiver == name]} for name in broker.agents]
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/agents")
+    async def list_agents():
+        return {"object": "list", "data": await state["broker"].agent_list()}
+
+    @app.get("/v1/bridges")
+    async def list_bridges():
+        registry = state["broker"].context.bridges
+        return {"object": "list", "data": [b.summary() for b in registry.bridges.values()]}
+
+    @app.get("/health")
+    async def health():
+        return await state["broker"].health()
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state["broker"].metrics.render(), media_type=CONTENT_TYPE)
+
+    return app
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="broker config file (YAML or TOML): agents, bridges, timeouts")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs every call to an agent at INFO
+    try:
+        config = load_config(args.config)
+        bridges = BridgeRegistry.load(config.bridge_dirs)
+    except ConfigError as exc:
+        logger.error("%s", exc)
+        return 2
+    app = create_app(config, bridges)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    return 0
