@@ -1,0 +1,128 @@
+"""`cachetalk agent`: serve one model over HTTP.
+
+The agent speaks the OpenAI API (`/v1/chat/completions`, `/v1/completions`,
+`/v1/models`) so that agent frameworks and the `openai` package work unchanged, and
+adds the cachetalk endpoints a broker uses to move KV caches between models
+(`/v1/tokenize`, `/v1/tokenizer`, `/v1/kv/prefill`, `/v1/kv/generate`). The HTTP server
+starts at once and loads the model in the background: /health and every model endpoint
+return 503 until it is ready.
+
+Example:
+    $ cachetalk agent --model gemma3-270m --port 8001
+    >>> from openai import OpenAI
+    >>> client = OpenAI(base_url="http://127.0.0.1:8001/v1", api_key="none")
+    >>> client.chat.completions.create(model="gemma3-270m", messages=[{"role": "user", "content": "Hi"}])
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from contextlib import asynccontextmanager
+
+import torch
+import uvicorn
+from fastapi import FastAPI, Response
+from fastapi.responses import JSONResponse
+
+from cachetalk.server import metrics as metrics_module
+from cachetalk.server.agent_kv import kv_router
+from cachetalk.server.agent_openai import openai_router
+from cachetalk.server.errors import install_error_handlers
+from cachetalk.server.kv import WIRE_NAMES
+from cachetalk.server.middleware import BodyLimitMiddleware, RequestLogMiddleware
+from cachetalk.server.models import LoadedModel
+from cachetalk.server.openai_api import ModelCard, ModelList
+from cachetalk.server.runtime import ModelRuntime
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_MB = 512
+
+
+def create_app(model_spec: str, max_body_bytes: int = DEFAULT_MAX_BODY_MB << 20, lm: LoadedModel | None = None,
+               load: bool = True, on_load_failure=None) -> FastAPI:
+    """Build the agent's ASGI app for `model_spec` (a short name, folder, GGUF file or hub id).
+
+    With `lm` the app serves that already loaded model. Otherwise, when `load` is set, the
+    app's startup begins loading the model in a background thread and calls
+    `on_load_failure()` if that fails.
+    """
+    runtime = ModelRuntime(model_spec, lm)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if runtime.lm is None and load:
+            runtime.start_loading(on_load_failure)
+        yield
+
+    app = FastAPI(title="cachetalk agent", lifespan=lifespan)
+    app.state.runtime = runtime
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    app.add_middleware(RequestLogMiddleware, on_finish=runtime.metrics.count_request)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if runtime.lm is None:
+            status = "failed" if runtime.load_error else "loading"
+            return JSONResponse({"status": status, "model": model_spec}, status_code=503)
+        return JSONResponse({"status": "ok", "model": runtime.lm.name})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(runtime.metrics.render(), media_type=metrics_module.CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        lm = runtime.require()
+        card = ModelCard(id=lm.name, created=runtime.loaded_at, max_model_len=lm.context_length,
+                         fingerprint=lm.fingerprint, num_layers=lm.num_layers, kv_heads=lm.num_kv_heads,
+                         head_dim=lm.head_dim, layer_kinds=lm.layer_kinds, dtype=WIRE_NAMES[lm.dtype])
+        return ModelList(data=[card])
+
+    app.include_router(openai_router(runtime))
+    app.include_router(kv_router(runtime))
+    return app
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="model to serve: a short name (smollm2-135m, gemma3-270m), a folder, a GGUF file or a "
+                             "hub id")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8001, help="port to bind (default 8001)")
+    parser.add_argument("--max-body-mb", type=int, default=DEFAULT_MAX_BODY_MB,
+                        help=f"largest accepted request body in MiB (default {DEFAULT_MAX_BODY_MB}); a 1,000-token "
+                             "KV cache of the default models is 30 to 50 MiB in float32")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for model computation (default: PyTorch's choice, one per core); "
+                             "lower it when several agents share a machine")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until interrupted; exit with 1 when the model cannot be loaded."""
+    if args.max_body_mb <= 0:
+        logger.error("--max-body-mb must be positive, got %d", args.max_body_mb)
+        return 2
+    if args.threads is not None and args.threads <= 0:
+        logger.error("--threads must be positive, got %d", args.threads)
+        return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    server: uvicorn.Server | None = None
+    failed = False
+
+    def stop_on_failure() -> None:
+        nonlocal failed
+        failed = True
+        server.should_exit = True
+
+    app = create_app(args.model, max_body_bytes=args.max_body_mb << 20, on_load_failure=stop_on_failure)
+    # log_config=None keeps the logging set up by the command line; the request log
+    # middleware replaces uvicorn's access log.
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False)
+    server = uvicorn.Server(config)
+    logger.info("starting agent for %s on http://%s:%d", args.model, args.host, args.port)
+    server.run()
+    return 1 if failed else 0
