@@ -178,7 +178,8 @@ class BridgeCard(_Open):
     receiver_fingerprint: str | None = None
     parameters: int | None = None
     size_bytes: int | None = None
-    eval: dict | None = None
+    self_bridge: bool = False
+    eval: list[dict] | None = None  # per recorded evaluation: data, split, limit, overall accuracy per condition
     path: str | None = None
 
 

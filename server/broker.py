@@ -145,6 +145,23 @@ class Broker:
         sampling = {name: value for name, value in sampling.items() if value is not None}
         return ChatRequest(request_id, body.model, sharers, mode, options.bridge, body.messages, sampling)
 
+    async def load_tokenizers(self, retry_s: float = 1.0, give_up_s: float = 900.0) -> None:
+        """Fetch every agent's tokenizer ahead of the first c2c request, retrying while agents start."""
+        deadline = time.monotonic() + give_up_s
+        pending = list(self.agents.values())
+        while pending and time.monotonic() < deadline:
+            for agent in list(pending):
+                try:
+                    await self.context.tokenizers.get(agent)
+                    pending.remove(agent)
+                except APIError as exc:
+                    logger.debug("tokenizer of %s not loaded yet: %s", agent.name, exc.message)
+            if pending:
+                await asyncio.sleep(retry_s)
+        if pending:
+            logger.warning("gave up loading the tokenizers of %s ahead of time; c2c requests load them",
+                           [a.name for a in pending])
+
     async def health(self) -> dict:
         probes = await asyncio.gather(*(agent.health() for agent in self.agents.values()))
         agents = {name: {"url": agent.url, "status": status, "detail": detail}
@@ -287,11 +304,13 @@ def create_app(config: BrokerConfig, bridges: BridgeRegistry | None = None) -> F
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         registry = bridges or await asyncio.to_thread(BridgeRegistry.load, config.bridge_dirs)
-        state["broker"] = Broker(config, registry)
+        broker = state["broker"] = Broker(config, registry)
         logger.info("broker ready: agents %s, bridges %s", {n: a.url for n, a in config.agents.items()},
                     registry.describe())
+        warm_up = asyncio.create_task(broker.load_tokenizers())
         yield
-        await state["broker"].http.aclose()
+        warm_up.cancel()
+        await broker.http.aclose()
 
     app = FastAPI(title="cachetalk broker", lifespan=lifespan)
     install_error_handlers(app)

@@ -46,8 +46,8 @@ def _error_from_agent(agent: AgentConfig, action: str, response: httpx.Response)
         return APIError(503, f"agent {agent.name} is not ready (still loading its model?): {message}",
                         code="agent_loading")
     if status == 404 and param == "model":
-        return APIError(502, f"agent {agent.name} at {agent.url} does not serve the model {agent.name}: {message}; "
-                        "fix the agent's name in the broker config", code="agent_misconfigured",
+        return APIError(502, f"agent {agent.name} at {agent.url} does not serve the model {agent.served_model}: "
+                        f"{message}; fix the agent's name or model in the broker config", code="agent_misconfigured",
                         error_type="server_error")
     if 400 <= status < 500:
         # Passed through with the agent's wording: clients parse messages such as the
@@ -100,11 +100,12 @@ class AgentClient:
         """Return the agent's `/v1/models` entry (fingerprint, layers, ...), fetched once."""
         if self.info is None:
             body = (await self._request("GET", "/v1/models", "GET /v1/models")).json()
-            entries = [m for m in body.get("data", []) if m.get("id") == self.name]
+            entries = [m for m in body.get("data", []) if m.get("id") == self.config.served_model]
             if not entries:
                 served = [m.get("id") for m in body.get("data", [])]
-                raise APIError(502, f"agent at {self.url} serves {served}, not {self.name}; fix the agent's "
-                               "name in the broker config", code="agent_misconfigured", error_type="server_error")
+                raise APIError(502, f"agent {self.name} at {self.url} serves {served}, not "
+                               f"{self.config.served_model}; fix the agent's name or model in the broker config",
+                               code="agent_misconfigured", error_type="server_error")
             self.info = entries[0]
         return self.info
 

@@ -53,6 +53,8 @@ class RegisteredBridge:
     def summary(self) -> dict:
         """The card as `/v1/bridges` lists it: pair, fingerprints, size and evaluation summary."""
         card = self.bridge.card
+        evaluations = card.get("evaluation") or []
+        keys = ("data", "split", "limit", "overall")
         return {
             "name": self.name,
             "sharer": self.sharer,
@@ -66,7 +68,8 @@ class RegisteredBridge:
             "depth": card.get("depth"),
             "layer_map": card.get("layer_map"),
             "open_gates": card.get("open_gates"),
-            "eval": card.get("eval"),
+            "self_bridge": card.get("self_bridge", False),
+            "eval": [{key: e.get(key) for key in keys} for e in evaluations if isinstance(e, dict)] or None,
             "path": str(self.folder),
         }
 
@@ -101,23 +104,25 @@ class BridgeRegistry:
                requested: str | None) -> RegisteredBridge | None:
         """Pick the bridge for a sharer and receiver, or None when the sharer serves the receiver's model.
 
-        Raises a 400 APIError when no bridge fits the pair, or the requested one does not.
+        The `requested` bridge wins for the pair it was trained for; other pairs get their
+        default. Raises a 400 APIError for an unknown name or when no bridge fits the pair.
         """
         if requested is not None:
             chosen = self.bridges.get(requested)
             if chosen is None:
                 raise APIError(400, f"unknown bridge {requested!r}; bridges loaded: {self.describe()}",
                                param="cachetalk.bridge", code="bridge_not_found")
-            self.check(chosen, sharer_name, sharer, receiver_name, receiver)
-            return chosen
+            if chosen.fits(sharer, receiver):
+                return chosen
 
         if sharer.get("fingerprint") == receiver.get("fingerprint"):
             return None
         for candidate in self.bridges.values():
             if candidate.fits(sharer, receiver):
                 return candidate
+        # By model name, for a bridge whose fingerprints do not match: `check` then says why.
         for candidate in self.bridges.values():
-            if (candidate.sharer, candidate.receiver) == (sharer_name, receiver_name):
+            if (candidate.sharer, candidate.receiver) == (sharer.get("id"), receiver.get("id")):
                 self.check(candidate, sharer_name, sharer, receiver_name, receiver)
                 return candidate
         raise APIError(400, f"no bridge for the pair {sharer_name}->{receiver_name} (sharer -> receiver); "

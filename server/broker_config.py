@@ -16,7 +16,9 @@ Example (YAML):
       health: 2
     t2t_max_tokens: 256
 
-`agents` may also be a map from name to URL. A bridge folder holds `bridge.json` and
+`agents` may also be a map from name to URL. An agent entry may add `model`, the name
+the agent serves, when it differs from the broker's name for it (two agents serving
+the same model need two names). A bridge folder holds `bridge.json` and
 `bridge.safetensors`; a folder without `bridge.json` is searched one level down.
 """
 
@@ -38,8 +40,13 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class AgentConfig:
-    name: str
+    name: str  # what clients call the agent: `model` and `cachetalk.sharers` of a request
     url: str
+    model: str | None = None  # the model name the agent serves, when it is not `name`
+
+    @property
+    def served_model(self) -> str:
+        return self.model or self.name
 
 
 @dataclass(frozen=True)
@@ -105,13 +112,17 @@ def _parse_agents(raw: object, where: str) -> dict[str, AgentConfig]:
     for index, entry in enumerate(raw):
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not isinstance(entry.get("url"), str):
             raise ConfigError(f"{where}: agents[{index}] needs string fields 'name' and 'url', got {entry!r}")
+        if unknown := sorted(set(entry) - {"name", "url", "model"}):
+            raise ConfigError(f"{where}: agents[{index}] has unknown keys {unknown}; expected name, url, model")
+        if entry.get("model") is not None and not isinstance(entry["model"], str):
+            raise ConfigError(f"{where}: agents[{index}].model must be a string, got {entry['model']!r}")
         url = entry["url"].rstrip("/")
         parsed = urlparse(url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise ConfigError(f"{where}: agent {entry['name']!r} has URL {url!r}; expected http://HOST:PORT")
         if entry["name"] in agents:
             raise ConfigError(f"{where}: agent {entry['name']!r} is listed twice")
-        agents[entry["name"]] = AgentConfig(entry["name"], url)
+        agents[entry["name"]] = AgentConfig(entry["name"], url, entry.get("model"))
     return agents
 
 

@@ -107,7 +107,7 @@ def _chat_events_text(event: dict) -> tuple[str, str | None]:
 async def _receiver_chat(ctx: BrokerContext, request: ChatRequest, messages: list[dict],
                          timer: Timer) -> AsyncIterator[Piece | Outcome]:
     receiver = ctx.agents[request.receiver]
-    body = {"model": receiver.name, "messages": messages, "stream": True,
+    body = {"model": receiver.config.served_model, "messages": messages, "stream": True,
             "stream_options": {"include_usage": True}, **request.sampling}
     sent = time.perf_counter()
     first = None
@@ -134,7 +134,8 @@ async def solo(ctx: BrokerContext, request: ChatRequest) -> AsyncIterator[Piece 
 
 
 async def _sharer_note(ctx: BrokerContext, sharer: AgentClient, messages: list[dict], timer: Timer) -> str:
-    body = {"model": sharer.name, "messages": messages, "max_tokens": ctx.t2t_max_tokens, "temperature": 0,
+    body = {"model": sharer.config.served_model, "messages": messages, "max_tokens": ctx.t2t_max_tokens,
+            "temperature": 0,
             "stream": True}
     sent = time.perf_counter()
     first = None
@@ -195,9 +196,10 @@ async def _plan(ctx: BrokerContext, request: ChatRequest) -> _Plan:
     infos = await all_or_cancel(receiver.model_info(), *(s.model_info() for s in sharers))
     bridges = [ctx.bridges.choose(s.name, info, receiver.name, infos[0], request.bridge)
                for s, info in zip(sharers, infos[1:])]
-    if request.bridge is not None and all(b is None for b in bridges):
-        raise APIError(400, f"bridge {request.bridge} fits none of the sharers {request.sharers}",
-                       param="cachetalk.bridge", code="bridge_mismatch")
+    if request.bridge is not None and request.bridge not in [b.name for b in bridges if b is not None]:
+        chosen = ctx.bridges.bridges[request.bridge]
+        raise APIError(400, f"bridge {request.bridge} ({chosen.pair}) fits none of the sharers {request.sharers} "
+                       f"with receiver {request.receiver}", param="cachetalk.bridge", code="bridge_mismatch")
     return _Plan(sharers, bridges)
 
 
