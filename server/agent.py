@@ -38,6 +38,8 @@ from cachetalk.server.runtime import ModelRuntime
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_MB = 512
+# Seconds that a stopping agent lets running requests finish before it cancels them.
+GRACEFUL_SHUTDOWN_S = 5
 
 
 def create_app(model_spec: str, max_body_bytes: int = DEFAULT_MAX_BODY_MB << 20, lm: LoadedModel | None = None,
@@ -121,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(args.model, max_body_bytes=args.max_body_mb << 20, on_load_failure=stop_on_failure)
     # log_config=None keeps the logging set up by the command line; the request log
     # middleware replaces uvicorn's access log.
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     server = uvicorn.Server(config)
     logger.info("starting agent for %s on http://%s:%d", args.model, args.host, args.port)
     server.run()

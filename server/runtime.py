@@ -218,13 +218,15 @@ class DecodeStream:
             self._record()
 
     async def _next_item(self, queue: asyncio.Queue):
+        """Wait for the next step, checking for a vanished client before each one and while waiting."""
         while True:
+            if await self.request.is_disconnected():
+                self.cancel.set()
+                return _END
             try:
                 return await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
             except TimeoutError:
-                if await self.request.is_disconnected():
-                    self.cancel.set()
-                    return _END
+                continue
 
     def _account(self, step: Step) -> None:
         now = time.perf_counter()
