@@ -206,10 +206,12 @@ def validation_loss(fuser: Fuser, receiver: LoadedModel, sharer: LoadedModel | N
 
 
 def train(fuser: Fuser, receiver: LoadedModel, sharer: LoadedModel | None, samples: list[Encoded],
-          config: TrainConfig, out: Path, validation: list[Encoded] = (), resume: bool = False) -> dict:
+          config: TrainConfig, out: Path, validation: list[Encoded] = (), resume: bool = False,
+          until: int | None = None) -> dict:
     """Train `fuser` in place; `sharer` None trains a self bridge. Returns the run summary.
 
-    Checkpoints go to `out/checkpoint` every `checkpoint_every` steps and at the end.
+    Checkpoints go to `out/checkpoint` every `checkpoint_every` steps and when the run
+    stops. `until` stops after that step, leaving the rest to a later `resume`.
     """
     if not samples:
         raise ValueError("no training samples")
@@ -223,7 +225,8 @@ def train(fuser: Fuser, receiver: LoadedModel, sharer: LoadedModel | None, sampl
 
     started = time.perf_counter() - state["seconds"]
     bar = tqdm(total=config.steps, initial=state["step"], desc="train", unit="step", dynamic_ncols=True)
-    while state["step"] < config.steps:
+    last = min(config.steps, until or config.steps)
+    while state["step"] < last:
         step = state["step"]
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)
@@ -250,7 +253,7 @@ def train(fuser: Fuser, receiver: LoadedModel, sharer: LoadedModel | None, sampl
             state["validation"].append([state["step"], val])
             bar.write(f"step {state['step']}: validation loss {val:.4f}")
         state["seconds"] = time.perf_counter() - started
-        if state["step"] % config.checkpoint_every == 0 or state["step"] == config.steps:
+        if state["step"] % config.checkpoint_every == 0 or state["step"] == last:
             save_checkpoint(out / CHECKPOINT, fuser, optimizer, state)
     bar.close()
     return state
