@@ -202,10 +202,12 @@ async def _until_disconnect(request: Request, events: AsyncIterator) -> AsyncIte
     async def pump() -> None:
         try:
             async for item in events:
-                await queue.put(item)
-            await queue.put(done)
-        except Exception as exc:  # handed to the consumer, which raises it
-            await queue.put(exc)
+                queue.put_nowait(item)
+            queue.put_nowait(done)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            queue.put_nowait(exc)
+            if not isinstance(exc, Exception):
+                raise
 
     producer = asyncio.create_task(pump())
     watcher = asyncio.create_task(_wait_for_disconnect(request))
@@ -219,7 +221,7 @@ async def _until_disconnect(request: Request, events: AsyncIterator) -> AsyncIte
             item = getter.result()
             if item is done:
                 return
-            if isinstance(item, Exception):
+            if isinstance(item, BaseException):
                 raise item
             yield item
     finally:
@@ -263,37 +265,41 @@ def _sse(data: dict) -> str:
 async def _stream(broker: Broker, http_request: Request, chat: ChatRequest, include_usage: bool) -> AsyncIterator[str]:
     base = {"id": f"chatcmpl-{chat.id}", "object": "chat.completion.chunk", "created": int(time.time()),
             "model": chat.receiver}
-    yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                     "finish_reason": None}]})
+    # Stays "client_disconnected" when the server cancels this generator because the
+    # client went away.
+    result = "client_disconnected"
     try:
+        yield _sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                         "finish_reason": None}]})
         async for item in _until_disconnect(http_request, MODES[chat.mode](broker.context, chat)):
             if isinstance(item, Piece):
                 yield _sse({**base, "choices": [{"index": 0, "delta": {"content": item.text}, "finish_reason": None}]})
                 continue
             broker.metrics.observe(chat.mode, item.timings)
-            broker.metrics.outcomes.labels(chat.mode, "ok").inc()
             _log_details(http_request, chat, item)
             last = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": item.finish_reason}]}
             if include_usage:
                 yield _sse(last)
                 last = {**base, "choices": [], "usage": item.usage}
             yield _sse({**last, "cachetalk": _info(chat, item)})
+        result = "ok"
     except APIError as exc:
         # The status line has gone out already: the error travels as the last event.
-        broker.metrics.outcomes.labels(chat.mode, str(exc.status)).inc()
+        result = str(exc.status)
         _log_details(http_request, chat, None)
-        http_request.state.log_details["error"] = exc.status
         logger.warning("request %s failed while streaming with %d: %s", chat.id, exc.status, exc.message)
         yield _sse({"error": {**exc.body()["error"], "status": exc.status}})
     except _ClientGone:
-        broker.metrics.outcomes.labels(chat.mode, "client_disconnected").inc()
-        http_request.state.log_details["outcome"] = "client disconnected"
         return
     except Exception:
+        result = "500"
         logger.error("request %s failed while streaming", chat.id, exc_info=True)
         error = APIError(500, f"internal error while serving request {chat.id}; see the broker log",
                          code="internal_error", error_type="server_error")
         yield _sse({"error": {**error.body()["error"], "status": 500}})
+    finally:
+        broker.metrics.outcomes.labels(chat.mode, result).inc()
+        http_request.state.log_details["outcome"] = result
     yield "data: [DONE]\n\n"
 
 
@@ -334,18 +340,23 @@ def create_app(config: BrokerConfig, bridges: BridgeRegistry | None = None) -> F
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(_stream(broker, request, chat, include_usage), media_type="text/event-stream")
+        result = "client_disconnected"
         try:
             response = await _complete(broker, request, chat)
+            result = "ok"
+            return response
         except APIError as exc:
-            broker.metrics.outcomes.labels(chat.mode, str(exc.status)).inc()
+            result = str(exc.status)
             _log_details(request, chat, None)
             raise
         except _ClientGone:
-            broker.metrics.outcomes.labels(chat.mode, "client_disconnected").inc()
-            request.state.log_details["outcome"] = "client disconnected"
-            return Response(status_code=499)
-        broker.metrics.outcomes.labels(chat.mode, "ok").inc()
-        return response
+            return Response(status_code=499)  # nobody reads it: the client is gone
+        except Exception:
+            result = "500"
+            raise
+        finally:
+            broker.metrics.outcomes.labels(chat.mode, result).inc()
+            request.state.log_details["outcome"] = result
 
     @app.get("/v1/models")
     async def list_models():

@@ -156,14 +156,17 @@ class AgentClient:
         # the agent sees the disconnect and stops decoding.
         deadline = time.monotonic() + self.timeouts.request
         async with self._errors(action):
-            response = await self.http.send(request, stream=True)
+            response = await asyncio.wait_for(self.http.send(request, stream=True), self.timeouts.request)
             try:
                 if response.status_code >= 400:
                     await response.aread()
                     raise _error_from_agent(self.config, action, response)
-                async for line in response.aiter_lines():
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(action)
+                lines = response.aiter_lines()
+                while True:
+                    try:
+                        line = await asyncio.wait_for(anext(lines), max(0.0, deadline - time.monotonic()))
+                    except StopAsyncIteration:
+                        break
                     if not line.startswith("data:"):
                         continue
                     data = line[len("data:"):].strip()
