@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 class CachetalkError(Exception):
-    """An error returned by the broker (or no answer at all).
+    """An error returned by the broker, or no response at all.
 
     `status` is the HTTP status (None when no response arrived), `message` the server's
     message, and `type`, `param`, `code` the fields of its OpenAI-shaped error body.
@@ -37,11 +37,11 @@ class AgentError(CachetalkError):
 
 
 class AgentTimeoutError(CachetalkError):
-    """504: an agent did not answer in time."""
+    """504: an agent timed out."""
 
 
 class APIConnectionError(CachetalkError):
-    """The broker could not be reached, the connection broke, or it did not answer in time."""
+    """The broker could not be reached, the connection broke, or the request timed out."""
 
 
 _BY_STATUS = {400: BadRequestError, 404: NotFoundError, 502: AgentError, 503: ServiceUnavailableError,

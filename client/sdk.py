@@ -73,7 +73,7 @@ def _parse_event(line: str) -> ChatChunk | None | bool:
 
 
 class _StreamState:
-    """What a stream has delivered so far: text, finish reason, usage and the `cachetalk` object."""
+    """Progress of a stream so far: text, finish reason, usage and the `cachetalk` object."""
 
     def __init__(self) -> None:
         self.text = ""
@@ -295,7 +295,7 @@ class Client:
         return [ModelInfo.model_validate(m) for m in self._get("/v1/models")["data"]]
 
     def agents(self) -> list[AgentInfo]:
-        """List the agents the broker knows, with their state.
+        """List the agents configured in the broker, with their state.
 
         Example:
             >>> with Client() as client:
@@ -408,7 +408,7 @@ class AsyncClient:
         return [ModelInfo.model_validate(m) for m in (await self._get("/v1/models"))["data"]]
 
     async def agents(self) -> list[AgentInfo]:
-        """List the agents the broker knows, with their state.
+        """List the agents configured in the broker, with their state.
 
         Example:
             >>> async def main():

@@ -48,7 +48,7 @@ class Timings(_Open):
 
 
 class CachetalkInfo(_Open):
-    """How the broker served a request: the `cachetalk` object of every response.
+    """Summary of how the broker served a request: the `cachetalk` object of every response.
 
     `bridge` has one entry per sharer in c2c mode: the name of the bridge applied, or
     None for a sharer that serves the receiver's own model (its cache passes as is).
@@ -156,7 +156,7 @@ class ModelInfo(_Open):
 
 
 class AgentInfo(_Open):
-    """An agent the broker knows: its name (the model it serves), URL and state.
+    """An agent configured in the broker: its name (the model it serves), URL and state.
 
     `status` is "ok", "loading" or "unreachable". `model` holds the agent's `/v1/models`
     entry (fingerprint, layers, KV heads, head_dim, ...) once the broker has reached it.

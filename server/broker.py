@@ -350,7 +350,7 @@ def create_app(config: BrokerConfig, bridges: BridgeRegistry | None = None) -> F
             _log_details(request, chat, None)
             raise
         except _ClientGone:
-            return Response(status_code=499)  # nobody reads it: the client is gone
+            return Response(status_code=499)  # never read, because the client is gone
         except Exception:
             result = "500"
             raise

@@ -1,9 +1,9 @@
 """The broker's side of the agent HTTP API: calls to one agent, with errors mapped for clients.
 
-Every failure of an agent becomes an `APIError` that names the agent: 502 when it is
-down or broke the connection, 504 when it took longer than the configured timeouts,
-503 while it loads its model, and the agent's own status and message for a request it
-rejected (400, for example a context overflow).
+Every failure of an agent becomes an `APIError` that names the agent. The status is
+502 when the agent is down or broke the connection, 504 when it took longer than the
+configured timeouts, and 503 while it loads its model. A request the agent rejected
+(400, for example a context overflow) keeps the agent's own status and message.
 """
 
 from __future__ import annotations
@@ -152,8 +152,8 @@ class AgentClient:
             yield event
 
     async def _stream(self, request: httpx.Request, action: str) -> AsyncIterator[dict]:
-        # Leaving this generator early (the client went away) closes the response, and
-        # the agent sees the disconnect and stops decoding.
+        # Leaving this generator early (the client went away) closes the response, so
+        # the agent detects the disconnect and stops decoding.
         deadline = time.monotonic() + self.timeouts.request
         async with self._errors(action):
             response = await asyncio.wait_for(self.http.send(request, stream=True), self.timeouts.request)

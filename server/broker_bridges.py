@@ -45,13 +45,13 @@ class RegisteredBridge:
         return f"{self.sharer}->{self.receiver}"
 
     def fits(self, sharer: dict, receiver: dict) -> bool:
-        """Whether the bridge was trained for these agents' models (by fingerprint)."""
+        """Return whether the bridge was trained for these agents' models (by fingerprint)."""
         card = self.bridge.card
         return (card.get("sharer_fingerprint"), card.get("receiver_fingerprint")) == (
             sharer.get("fingerprint"), receiver.get("fingerprint"))
 
     def summary(self) -> dict:
-        """The card as `/v1/bridges` lists it: pair, fingerprints, size and evaluation summary."""
+        """Return the card as `/v1/bridges` lists it: pair, fingerprints, size and evaluation summary."""
         card = self.bridge.card
         evaluations = card.get("evaluation") or []
         keys = ("data", "split", "limit", "overall")
@@ -120,7 +120,8 @@ class BridgeRegistry:
         for candidate in self.bridges.values():
             if candidate.fits(sharer, receiver):
                 return candidate
-        # By model name, for a bridge whose fingerprints do not match: `check` then says why.
+        # By model name, for a bridge whose fingerprints do not match: `check` then raises
+        # an error that gives both fingerprints.
         for candidate in self.bridges.values():
             if (candidate.sharer, candidate.receiver) == (sharer.get("id"), receiver.get("id")):
                 self.check(candidate, sharer_name, sharer, receiver_name, receiver)

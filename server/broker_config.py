@@ -18,8 +18,8 @@ Example (YAML):
 
 `agents` may also be a map from name to URL. An agent entry may add `model`, the name
 the agent serves, when it differs from the broker's name for it (two agents serving
-the same model need two names). A bridge folder holds `bridge.json` and
-`bridge.safetensors`; a folder without `bridge.json` is searched one level down.
+the same model need two names). A bridge folder contains `bridge.json` and
+`bridge.safetensors`. A folder without `bridge.json` is searched one level down.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class AgentConfig:
 
 @dataclass(frozen=True)
 class Timeouts:
-    """Seconds the broker waits on an agent before it answers 504."""
+    """Seconds the broker waits on an agent before it returns 504 to the client."""
 
     connect: float = 5.0  # to open a connection
     read: float = 300.0  # between two reads of one response

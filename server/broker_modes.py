@@ -81,7 +81,7 @@ class Timer:
 
 @dataclass
 class BrokerContext:
-    """What the modes need: the agents by name, the bridges, the tokenizers and the t2t budget."""
+    """State shared by the modes: the agents by name, the bridges, the tokenizers and the t2t budget."""
 
     agents: dict[str, AgentClient]
     bridges: BridgeRegistry

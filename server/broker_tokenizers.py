@@ -24,8 +24,8 @@ from cachetalk.server.fetch import cachetalk_home
 
 logger = logging.getLogger(__name__)
 
-# Tokenizer file names are plain names such as "tokenizer.json"; anything else (a path,
-# a hidden file) is rejected so that an agent cannot write outside the cache folder.
+# Tokenizer file names are plain names such as "tokenizer.json". Anything else (a path,
+# a hidden file) is rejected, so an agent cannot write outside the cache folder.
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 SAFE_FINGERPRINT = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 

@@ -99,7 +99,7 @@ def check_port(host: str, port: int) -> None:
 
 
 def bridge_folders(root: Path) -> list[Path]:
-    """Every bridge folder under `root`, the default pair first."""
+    """Return every bridge folder under `root`, the default pair first."""
     if not root.is_dir():
         return []
     folders = find_bridge_folders([root])
@@ -155,7 +155,7 @@ class Stack:
                   flush=True)
 
     def wait_healthy(self, timeout: float) -> None:
-        """Poll every /health until all answer 200; raise StackError if a process exits or time runs out."""
+        """Poll every /health until all return 200; raise StackError if a process exits or time runs out."""
         deadline = time.monotonic() + timeout
         waiting = list(self.services)
         while waiting:

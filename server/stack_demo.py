@@ -26,7 +26,7 @@ def format_timings(reply: ChatResponse) -> str:
 
 
 def run_demo(broker_url: str, receiver: str, sharer: str, max_tokens: int) -> int:
-    """Ask QUESTION in c2c, t2t and solo mode; return 0 when all three answered, else 1."""
+    """Ask QUESTION in c2c, t2t and solo mode; return 0 when all three requests succeeded, else 1."""
     print(f"\nquestion: {QUESTION}\n", flush=True)
     failures = 0
     with Client(broker_url) as client:
