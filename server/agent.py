@@ -18,22 +18,24 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
-import torch
 import uvicorn
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 
-from cachetalk.server import metrics as metrics_module
 from cachetalk.server.agent_kv import kv_router
 from cachetalk.server.agent_openai import openai_router
 from cachetalk.server.errors import install_error_handlers
-from cachetalk.server.kv import WIRE_NAMES
+from cachetalk.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cachetalk.server.middleware import BodyLimitMiddleware, RequestLogMiddleware
-from cachetalk.server.models import LoadedModel
 from cachetalk.server.openai_api import ModelCard, ModelList
 from cachetalk.server.runtime import ModelRuntime
+
+if TYPE_CHECKING:
+    from cachetalk.server.models import LoadedModel
 
 logger = logging.getLogger(__name__)
 
@@ -43,14 +45,16 @@ GRACEFUL_SHUTDOWN_S = 5
 
 
 def create_app(model_spec: str, max_body_bytes: int = DEFAULT_MAX_BODY_MB << 20, lm: LoadedModel | None = None,
-               load: bool = True, on_load_failure=None) -> FastAPI:
+               load: bool = True, threads: int | None = None,
+               on_load_failure: Callable[[], None] | None = None) -> FastAPI:
     """Build the agent's ASGI app for `model_spec` (a short name, folder, GGUF file or hub id).
 
     With `lm` the app serves that already loaded model. Otherwise, when `load` is set, the
     app's startup begins loading the model in a background thread and calls
-    `on_load_failure()` if that fails.
+    `on_load_failure()` if that fails. `threads` sets PyTorch's CPU thread count, for
+    the whole process, before loading.
     """
-    runtime = ModelRuntime(model_spec, lm)
+    runtime = ModelRuntime(model_spec, lm, threads)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -73,14 +77,15 @@ def create_app(model_spec: str, max_body_bytes: int = DEFAULT_MAX_BODY_MB << 20,
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(runtime.metrics.render(), media_type=metrics_module.CONTENT_TYPE)
+        return Response(runtime.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models() -> ModelList:
         lm = runtime.require()
         card = ModelCard(id=lm.name, created=runtime.loaded_at, max_model_len=lm.context_length,
                          fingerprint=lm.fingerprint, num_layers=lm.num_layers, kv_heads=lm.num_kv_heads,
-                         head_dim=lm.head_dim, layer_kinds=lm.layer_kinds, dtype=WIRE_NAMES[lm.dtype])
+                         head_dim=lm.head_dim, layer_kinds=lm.layer_kinds,
+                         dtype=str(lm.dtype).removeprefix("torch."))
         return ModelList(data=[card])
 
     app.include_router(openai_router(runtime))
@@ -110,8 +115,6 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads <= 0:
         logger.error("--threads must be positive, got %d", args.threads)
         return 2
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     server: uvicorn.Server | None = None
     failed = False
 
@@ -120,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
         failed = True
         server.should_exit = True
 
-    app = create_app(args.model, max_body_bytes=args.max_body_mb << 20, on_load_failure=stop_on_failure)
+    app = create_app(args.model, max_body_bytes=args.max_body_mb << 20, threads=args.threads,
+                     on_load_failure=stop_on_failure)
     # log_config=None keeps the logging set up by the command line; the request log
     # middleware replaces uvicorn's access log.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,

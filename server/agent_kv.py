@@ -11,6 +11,7 @@ import tempfile
 import time
 from contextlib import aclosing
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgpack
 from fastapi import APIRouter, Request, Response
@@ -21,8 +22,6 @@ from starlette.concurrency import run_in_threadpool
 from cachetalk.client import wire
 from cachetalk.server.agent_openai import SSE_HEADERS, guard_events
 from cachetalk.server.errors import bad_request, context_overflow, validation_error
-from cachetalk.server.kv import CacheMismatchError, build_cache, cache_layers, from_wire, prefill, to_wire
-from cachetalk.server.models import LoadedModel
 from cachetalk.server.openai_api import SSE_DONE, KVGenerateRequest, PrefillRequest, TokenizeRequest, Usage, sse_event
 from cachetalk.server.runtime import (
     DecodeStream,
@@ -32,6 +31,9 @@ from cachetalk.server.runtime import (
     encode_prompt,
     sampling_params,
 )
+
+if TYPE_CHECKING:
+    from cachetalk.server.models import LoadedModel
 
 
 def kv_router(runtime: ModelRuntime) -> APIRouter:
@@ -118,6 +120,8 @@ def prompt_token_ids(lm: LoadedModel, body: PrefillRequest) -> list[int]:
 
 def export_cache(runtime: ModelRuntime, token_ids: list[int], dtype: str | None) -> tuple[bytes, float]:
     """Prefill `token_ids` and serialize the cache of every layer and position; return (message, seconds)."""
+    from cachetalk.server.kv import cache_layers, prefill, to_wire  # needs torch, see runtime.py
+
     lm = runtime.lm
     with runtime.lock:
         started = time.perf_counter()
@@ -128,6 +132,8 @@ def export_cache(runtime: ModelRuntime, token_ids: list[int], dtype: str | None)
 
 def import_cache(lm: LoadedModel, message: bytes, allow_cast: bool):
     """Decode and validate a wire-format cache; return (DynamicCache, its token count)."""
+    from cachetalk.server.kv import CacheMismatchError, build_cache, from_wire  # needs torch, see runtime.py
+
     try:
         kv = wire.decode(message)
         layers = from_wire(lm, kv, allow_cast=allow_cast)

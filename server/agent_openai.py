@@ -11,7 +11,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from cachetalk.server.errors import APIError
-from cachetalk.server.kv import new_cache
 from cachetalk.server.openai_api import (
     SSE_DONE,
     AssistantMessage,
@@ -43,7 +42,7 @@ def openai_router(runtime: ModelRuntime) -> APIRouter:
         prompt_ids = encode_messages(lm, body.messages)
         params = sampling_params(lm, len(prompt_ids), body.max_new_tokens(), body.temperature, body.top_p,
                                  body.seed, body.stop_list(), where="messages")
-        stream = DecodeStream(runtime, request, new_cache(), prompt_ids, params, len(prompt_ids))
+        stream = DecodeStream(runtime, request, None, prompt_ids, params, len(prompt_ids))
         completion_id = f"chatcmpl-{request.state.request_id}"
 
         if body.stream:
@@ -64,7 +63,7 @@ def openai_router(runtime: ModelRuntime) -> APIRouter:
         prompt_ids = encode_prompt(lm, body.prompt)
         params = sampling_params(lm, len(prompt_ids), body.max_tokens, body.temperature, body.top_p,
                                  body.seed, body.stop_list(), where="prompt")
-        stream = DecodeStream(runtime, request, new_cache(), prompt_ids, params, len(prompt_ids))
+        stream = DecodeStream(runtime, request, None, prompt_ids, params, len(prompt_ids))
         completion_id = f"cmpl-{request.state.request_id}"
 
         if body.stream:

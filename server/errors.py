@@ -1,8 +1,9 @@
 """Errors in the OpenAI shape: `{"error": {"message", "type", "param", "code"}}`.
 
-Handlers raise `APIError`; `install_error_handlers` turns it, FastAPI's request
-validation errors (422 by default, 400 here as OpenAI does) and Starlette's HTTP
-errors (unknown route, wrong method) into that body with the right status.
+Handlers raise `APIError`. `install_error_handlers` sends it in that shape with its
+status, and does the same for FastAPI's request validation errors (400 as in OpenAI's
+API, where FastAPI would send 422) and Starlette's HTTP errors (unknown route, wrong
+method). Each error's message is added to the request's log line.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def model_not_found(requested: str, served: str) -> APIError:
 
 
 def context_overflow(limit: int, prompt_tokens: int, completion_tokens: int, where: str = "messages") -> APIError:
-    """The context-overflow error in the wording OpenAI clients parse.
+    """Build the context-overflow error in the wording that OpenAI clients parse.
 
     `where` is "messages" for chat requests and "prompt" for the others.
     """
@@ -81,7 +82,7 @@ def context_overflow(limit: int, prompt_tokens: int, completion_tokens: int, whe
 
 
 def body_too_large(size: int | None, limit: int) -> APIError:
-    """The 413 error; `size` is the declared Content-Length, or None when the bytes read ran over."""
+    """Build the 413 error. `size` is the declared Content-Length, or None when the bytes read went over."""
     size_text = "" if size is None else f" ({size} bytes)"
     return APIError(413, f"Request body{size_text} is over the limit of {limit} bytes; "
                     "send a smaller request or start the server with a larger --max-body-mb.",
@@ -104,32 +105,36 @@ def validation_error(errors: list[dict]) -> APIError:
     return bad_request("Invalid request: " + "; ".join(parts), param=".".join(first) or None)
 
 
+def respond(request: Request, error: APIError) -> JSONResponse:
+    """Send `error` and record its message in the request's log line (see RequestLogMiddleware)."""
+    details = getattr(request.state, "log_details", None)
+    if details is not None:
+        details["error"] = json.dumps(error.message)
+    else:
+        logger.info("request failed with %d: %s", error.status, error.message)
+    return error_response(error)
+
+
 async def _api_error_handler(request: Request, exc: APIError) -> JSONResponse:
-    if exc.status >= 500:
-        logger.warning("request %s failed with %d: %s", _request_id(request), exc.status, exc.message)
-    return error_response(exc)
+    return respond(request, exc)
 
 
 async def _validation_handler(request: Request, exc: RequestValidationError | ValidationError) -> JSONResponse:
-    return error_response(validation_error(list(exc.errors())))
+    return respond(request, validation_error(list(exc.errors())))
 
 
 async def _http_error_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     messages = {404: f"Not found: {request.method} {request.url.path}",
                 405: f"Method {request.method} is not allowed on {request.url.path}"}
     message = messages.get(exc.status_code, str(exc.detail))
-    response = error_response(APIError(exc.status_code, message, code=None))
+    response = respond(request, APIError(exc.status_code, message, code=None))
     for name, value in (exc.headers or {}).items():
         response.headers[name] = value
     return response
 
 
-def _request_id(request: Request) -> str:
-    return getattr(request.state, "request_id", "-")
-
-
 def install_error_handlers(app: FastAPI) -> None:
-    """Send every handled error as an OpenAI error body (unhandled ones: see middleware)."""
+    """Send every handled error as an OpenAI error body; RequestLogMiddleware turns the others into a 500."""
     app.add_exception_handler(APIError, _api_error_handler)
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(ValidationError, _validation_handler)

@@ -11,12 +11,12 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
-# Seconds; from a few milliseconds (a cached short prompt on a GPU) to minutes (a
-# long prompt plus a long answer on a CPU).
+# Latency buckets in seconds, from a few milliseconds (a short prompt on a GPU) to
+# minutes (a long prompt plus a long answer on a CPU).
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
 
-# Request paths reported by name; any other path is counted as "other", so that
-# arbitrary URLs cannot grow the number of series.
+# Request paths counted under their own label. Other paths are counted as "other", so
+# that arbitrary URLs cannot grow the number of series.
 KNOWN_PATHS = frozenset({
     "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/tokenize",
     "/v1/tokenizer", "/v1/kv/prefill", "/v1/kv/generate",

@@ -8,6 +8,7 @@ Content-Length header first and by the bytes actually received otherwise.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -25,7 +26,10 @@ logger = logging.getLogger(__name__)
 RequestHook = Callable[[str, str, int, float], None]
 
 
-async def send_error(send: Send, error: APIError, request_id: str | None = None) -> None:
+async def send_error(send: Send, error: APIError, request_id: str | None = None, scope: Scope | None = None) -> None:
+    """Send `error` as a whole response; with `scope`, also record its message in the request's log line."""
+    if scope is not None and "log_details" in scope.get("state", {}):
+        scope["state"]["log_details"]["error"] = json.dumps(error.message)
     body = encode_error(error)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if request_id:
@@ -107,7 +111,7 @@ class BodyLimitMiddleware:
         request_id = scope.get("state", {}).get("request_id")
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await send_error(send, body_too_large(int(declared), self.max_bytes), request_id)
+            await send_error(send, body_too_large(int(declared), self.max_bytes), request_id, scope)
             return
 
         received = 0
@@ -121,7 +125,7 @@ class BodyLimitMiddleware:
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     exceeded = True
-                    raise ClientDisconnect("request body over the size limit")
+                    raise ClientDisconnect("request body is over the size limit")
             return message
 
         async def guarded_send(message: Message) -> None:
@@ -137,4 +141,4 @@ class BodyLimitMiddleware:
             if not exceeded:
                 raise
         if exceeded and not response_started:
-            await send_error(send, body_too_large(None, self.max_bytes), request_id)
+            await send_error(send, body_too_large(None, self.max_bytes), request_id, scope)

@@ -1,7 +1,7 @@
 """Request and response bodies of the OpenAI-compatible endpoints and the KV endpoints.
 
 Unknown request fields are accepted and ignored, as clients such as LangChain and
-LlamaIndex send fields of their own. Fields that ask for something this server cannot
+LlamaIndex send fields of their own. Fields that request something this server cannot
 do (several choices, log probabilities) are rejected instead of silently ignored.
 """
 
@@ -29,7 +29,7 @@ class ChatMessage(BaseModel):
     name: str | None = None
 
     def text(self) -> str:
-        """The content as one string; only text parts are supported."""
+        """Return the content as one string. Only text parts are supported."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
@@ -206,7 +206,7 @@ class CompletionChoice(BaseModel):
 
 
 class CompletionResponse(BaseModel):
-    """A text completion; with `stream` each chunk has this shape too, `usage` null until the last."""
+    """A text completion. Streamed chunks have this shape too, with `usage` null until the last."""
 
     id: str
     object: Literal["text_completion"] = "text_completion"
@@ -236,7 +236,7 @@ class ModelList(BaseModel):
 
 
 def sse_event(payload: BaseModel | dict[str, Any]) -> str:
-    """One server-sent event line pair carrying a JSON payload."""
+    """Format one server-sent event carrying a JSON payload."""
     if isinstance(payload, BaseModel):
         return f"data: {payload.model_dump_json()}\n\n"
     return f"data: {json.dumps(payload)}\n\n"

@@ -1,6 +1,6 @@
 """The agent's model slot: background loading, the model lock, tokenization and decoding.
 
-The model is loaded in a background thread so that the HTTP server answers /health
+The model is loaded in a background thread so that the HTTP server responds to /health
 (503) while it loads. Model calls take one lock per model, because a CPU model gains
 nothing from running two forward passes at once; decoding holds it for one forward
 pass at a time, so concurrent requests interleave token by token.
@@ -13,15 +13,20 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 
 from cachetalk.server.errors import APIError, bad_request, context_overflow, model_not_found
-from cachetalk.server.generate import Cancelled, SamplingParams, Step, decode
-from cachetalk.server.kv import prefill
 from cachetalk.server.metrics import ServerMetrics
-from cachetalk.server.models import LoadedModel, load_model
 from cachetalk.server.openai_api import ChatMessage
+
+# torch and transformers are imported by the model-loader thread, not at import time,
+# so that the HTTP server binds and responds to /health within a second of starting. The
+# functions that need them run only once the model has loaded and import them inside.
+if TYPE_CHECKING:
+    from cachetalk.server.generate import SamplingParams, Step
+    from cachetalk.server.models import LoadedModel
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +37,11 @@ _END = object()
 
 
 class ModelRuntime:
-    """One model behind a lock, loaded in the background; the state of an agent."""
+    """The state of an agent: one model behind a lock, loaded in the background."""
 
-    def __init__(self, spec: str, lm: LoadedModel | None = None):
+    def __init__(self, spec: str, lm: LoadedModel | None = None, threads: int | None = None):
         self.spec = spec
+        self.threads = threads
         self.lm = lm
         self.load_error: str | None = None
         self.loaded_at = int(time.time()) if lm is not None else None
@@ -51,6 +57,13 @@ class ModelRuntime:
         started = time.perf_counter()
         logger.info("loading model %s", self.spec)
         try:
+            import torch
+
+            from cachetalk.server.kv import prefill
+            from cachetalk.server.models import load_model
+
+            if self.threads is not None:
+                torch.set_num_threads(self.threads)
             lm = load_model(self.spec)
             with self.lock:
                 prefill(lm, [lm.eos_token_ids[0] if lm.eos_token_ids else 0])  # warm-up: first call is slow
@@ -81,7 +94,7 @@ class ModelRuntime:
 
 
 def encode_messages(lm: LoadedModel, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of a chat rendered with the model's chat template (which adds BOS itself)."""
+    """Tokenize a chat rendered with the model's chat template, which adds BOS itself."""
     turns = []
     for index, message in enumerate(messages):
         try:
@@ -102,7 +115,7 @@ def encode_messages(lm: LoadedModel, messages: list[ChatMessage], add_generation
 
 
 def encode_prompt(lm: LoadedModel, prompt: str | list[int] | list[str]) -> list[int]:
-    """Token ids of a text prompt (with the tokenizer's special tokens, such as BOS) or of given ids."""
+    """Tokenize a text prompt with the tokenizer's special tokens (such as BOS), or check given token ids."""
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
         prompt = prompt[0]
     if isinstance(prompt, str):
@@ -125,10 +138,12 @@ def check_token_ids(lm: LoadedModel, token_ids: list[int], param: str) -> None:
 
 def sampling_params(lm: LoadedModel, prompt_tokens: int, max_tokens: int | None, temperature: float | None,
                     top_p: float | None, seed: int | None, stop: list[str], where: str) -> SamplingParams:
-    """Sampling settings with OpenAI's defaults; raise the context-overflow error when they cannot fit.
+    """Build sampling settings with OpenAI's defaults, or raise the context-overflow error.
 
     Without `max_tokens` the completion may fill the rest of the context.
     """
+    from cachetalk.server.generate import SamplingParams
+
     limit = lm.context_length
     completion = max_tokens if max_tokens is not None else max(limit - prompt_tokens, 1)
     if prompt_tokens + completion > limit:
@@ -140,6 +155,7 @@ def sampling_params(lm: LoadedModel, prompt_tokens: int, max_tokens: int | None,
 class DecodeStream:
     """Runs `generate.decode` in a thread and hands its steps to the event loop.
 
+    `cache` is an imported DynamicCache to continue from, or None for an empty one.
     Iterate `steps()`. When the client disconnects, or the iteration is closed early, the
     cancel event stops the decoding thread before its next token. Token counts, timings and
     the outcome are kept on the object and recorded in the metrics and the request log.
@@ -161,6 +177,7 @@ class DecodeStream:
         self.generated: list[int] = []
         self.text = ""
         self.finish_reason: str | None = None
+        self.failed = False
 
     @property
     def completion_tokens(self) -> int:
@@ -174,6 +191,8 @@ class DecodeStream:
                 "decode_ms": round((end - first) * 1000, 1)}
 
     async def steps(self) -> AsyncIterator[Step]:
+        from cachetalk.server.generate import Cancelled, decode
+
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -208,6 +227,7 @@ class DecodeStream:
                 if item is _END:
                     return
                 if isinstance(item, Exception):
+                    self.failed = True
                     raise item
                 self._account(item)
                 yield item
@@ -243,10 +263,12 @@ class DecodeStream:
         details = self.request.state.log_details
         end = self.ended_at or time.perf_counter()
         ttft = None if self.first_token_at is None else self.first_token_at - self.started
+        outcome = self.finish_reason or ("error" if self.failed else "cancelled")
         details.update(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
-                       ttft_ms=f"{ttft * 1000:.1f}" if ttft is not None else "-",
-                       finish=self.finish_reason or "cancelled")
-        if self.finish_reason is None:
+                       ttft_ms=f"{ttft * 1000:.1f}" if ttft is not None else "-", finish=outcome)
+        if outcome == "error":
+            return  # the exception is logged where it is handled
+        if outcome == "cancelled":
             logger.info("request %s cancelled after %d tokens: the client disconnected or the stream was closed",
                         self.request.state.request_id, self.completion_tokens)
             return

@@ -21,7 +21,7 @@ import pytest
 # Broker fixtures (test bridges, a broker process) live in tests/broker_fixtures.py.
 pytest_plugins = ["broker_fixtures"]
 
-# Upper bound for an agent to answer /health with 200. A first start converts the
+# Upper bound for an agent to return 200 on /health. A first start converts the
 # default models from GGUF, which takes about a minute on a 2-core CPU.
 STARTUP_TIMEOUT_S = 600
 # One CPU thread per agent: several agents and the test process share the machine,

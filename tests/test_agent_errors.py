@@ -1,6 +1,6 @@
 """Each class of bad request gets its status and an OpenAI-shaped body, and the agent keeps serving.
 
-Most tests use the session agents; the 503 and 413 tests start their own smollm2 agent
+Most tests use the session agents. The 503 and 413 tests start their own smollm2 agent
 with a 1 MiB body limit and poll it before its model has loaded.
 """
 
@@ -292,8 +292,8 @@ def loading_agent(tmp_path_factory):
 def poll_while_loading(agent: AgentProcess, timeout_s: float = 300) -> dict[str, httpx.Response]:
     """Return the first /health, /v1/models and chat responses once the port accepts connections.
 
-    The HTTP server binds before the model starts loading, and loading takes at least
-    the half second of reading the weights, so these requests reach a loading agent.
+    The HTTP server binds before the model starts loading, and loading (importing torch,
+    reading the weights, a warm-up pass) takes seconds, so these requests reach a loading agent.
     """
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and agent.process.poll() is None:

@@ -207,3 +207,25 @@ def test_half_precision_cache_generates_with_cast(agent_for, model):
     result = generate(agent, message, prompt_ids[-1:], max_tokens=4, temperature=0, allow_dtype_cast=True)
     assert result["usage"]["prompt_tokens"] == len(prompt_ids)
     assert result["usage"]["completion_tokens"] == len(result["token_ids"]) > 0
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_tokenizer_files_rebuild_tokenizer(agent_for, model, tmp_path):
+    from transformers import AutoTokenizer
+
+    agent = agent_for(model)
+    response = httpx.get(f"{agent.url}/v1/tokenizer", timeout=TIMEOUT)
+    assert response.status_code == 200
+    assert response.headers["content-type"] == wire.CONTENT_TYPE
+    payload = msgpack.unpackb(response.content, raw=False)
+    assert payload["name"] == model
+    assert payload["fingerprint"] == model_card(agent)["fingerprint"]
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= set(payload["files"])
+
+    for name, content in payload["files"].items():
+        (tmp_path / name).write_bytes(content)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    text = long_prompt(4)
+    assert tokenizer.encode(text) == tokenize(agent, prompt=text)
+    rendered = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+    assert tokenizer.encode(rendered, add_special_tokens=False) == tokenize(agent, messages=CHAT)

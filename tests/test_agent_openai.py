@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+
+import httpx
 import openai
 import pytest
 from openai import OpenAI
@@ -143,3 +146,27 @@ def test_gemma_chat_and_models(gemma_agent):
     text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
     assert text == response.choices[0].message.content
     assert chunks[-1].usage == response.usage
+
+
+def metric_value(agent: AgentProcess, name: str) -> float:
+    """Sum a metric's samples over all label values."""
+    text = httpx.get(f"{agent.url}/metrics", timeout=30).text
+    return sum(float(value) for value in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
+def test_metrics_count_chat_tokens(smollm_agent, smollm):
+    names = ["cachetalk:prompt_tokens_total", "cachetalk:generation_tokens_total",
+             "cachetalk:e2e_request_latency_seconds_count", "cachetalk:time_to_first_token_seconds_count"]
+    before = {name: metric_value(smollm_agent, name) for name in names}
+    response = smollm.chat.completions.create(model="smollm2-135m", messages=MESSAGES, max_tokens=4, temperature=0)
+    after = {name: metric_value(smollm_agent, name) for name in names}
+
+    assert after["cachetalk:prompt_tokens_total"] - before["cachetalk:prompt_tokens_total"] == \
+        response.usage.prompt_tokens
+    assert after["cachetalk:generation_tokens_total"] - before["cachetalk:generation_tokens_total"] == \
+        response.usage.completion_tokens
+    assert after["cachetalk:e2e_request_latency_seconds_count"] - \
+        before["cachetalk:e2e_request_latency_seconds_count"] == 1
+    assert after["cachetalk:time_to_first_token_seconds_count"] - \
+        before["cachetalk:time_to_first_token_seconds_count"] == 1
+    assert metric_value(smollm_agent, "cachetalk:requests_total") > 0
