@@ -1,0 +1,120 @@
+"""The speed targets of cachetalk, checked against a benchmark result, with what limits each missed one.
+
+The notes are built from the measurements of the same run (stage medians, the wire
+profile, request rates), so they show where the time went and never guess.
+"""
+
+from __future__ import annotations
+
+TARGETS = (
+    # name, goal text, lower is better, threshold
+    ("t2t / c2c median latency", ">= 4x", False, 4.0),
+    ("c2c / solo median latency", "<= 1.25x", True, 1.25),
+    ("wire encode + decode, share of memcpy speed", ">= 0.5", False, 0.5),
+    ("serialization + transfer, share of c2c time", "<= 10%", True, 0.10),
+    ("throughput at highest concurrency / at 1", ">= 2x", False, 2.0),
+)
+
+
+def _stage_medians(entry: dict) -> dict[str, float]:
+    return {name.removesuffix("_ms"): summary["median_ms"] for name, summary in entry.get("stages", {}).items()
+            if name != "total_ms"}
+
+
+def _stages_text(entry: dict) -> str:
+    medians = _stage_medians(entry)
+    return ", ".join(f"{name} {ms:.0f}" for name, ms in sorted(medians.items(), key=lambda item: -item[1]))
+
+
+def note_t2t_over_c2c(results: dict) -> str:
+    latency = results["latency"]
+    t2t, c2c = latency["t2t"], latency["c2c"]
+    sharer_decode = _stage_medians(t2t).get("sharer_decode", 0.0)
+    return (f"t2t takes {t2t['median_ms']:.0f} ms at the median (stages in ms: {_stages_text(t2t)}); c2c takes "
+            f"{c2c['median_ms']:.0f} ms ({_stages_text(c2c)}). What t2t adds is mostly the sharer writing its "
+            f"note ({sharer_decode:.0f} ms of decoding, at most {results['meta']['t2t_max_tokens']} tokens), "
+            "so the ratio grows with the note's length and shrinks when the sharer stops early.")
+
+
+def note_c2c_over_solo(results: dict) -> str:
+    latency = results["latency"]
+    solo, c2c = latency["solo"], latency["c2c"]
+    extra = {name: ms for name, ms in _stage_medians(c2c).items()
+             if name in ("sharer_prefill", "transfer", "serialization", "bridge")}
+    extra_text = ", ".join(f"{name} {ms:.0f} ms" for name, ms in extra.items())
+    return (f"solo takes {solo['median_ms']:.0f} ms ({_stages_text(solo)}); c2c takes {c2c['median_ms']:.0f} ms. "
+            f"c2c adds stages solo does not have: {extra_text} (medians; the sharer and receiver prefills run "
+            "concurrently, on the same CPU cores).")
+
+
+def note_wire(results: dict) -> str:
+    wire = results["wire"]
+    largest = max(point["tokens"] for point in wire["points"])
+    parts = []
+    for model, steps in wire.get("profile_at_largest", {}).items():
+        encode_ms = sum(ms for step, ms in steps.items() if step.startswith("encode_"))
+        decode_ms = sum(ms for step, ms in steps.items() if step.startswith("decode_"))
+        parts.append(
+            f"{model}: arrays to bytes {steps['encode_arrays_to_bytes_ms']:.0f} ms, join {steps['encode_join_body_ms']:.0f} ms, "
+            f"msgpack pack {steps['encode_msgpack_pack_ms']:.0f} ms (encode {encode_ms:.0f} ms); msgpack unpack "
+            f"{steps['decode_msgpack_unpack_ms']:.0f} ms (decode {decode_ms:.0f} ms); one memcpy "
+            f"{steps['reference_memcpy_ms']:.0f} ms, one copy into new memory {steps['reference_copy_to_new_memory_ms']:.0f} ms")
+    return (f"encode copies the body three times (each array to bytes, the join, msgpack) and decode once "
+            f"(msgpack unpack), each time into newly allocated memory. At {largest} tokens: " + "; ".join(parts)
+            + ". Reaching 0.5 allows two copies in all, for example writing the arrays straight into one "
+            "preallocated message on encode and reading the body in place on decode.")
+
+
+def note_share(results: dict) -> str:
+    detail = results["wire"]["share_of_c2c_detail"]
+    return (f"median serialization {detail['serialization_ms']:.0f} ms (broker decode and encode of the caches "
+            f"plus the receiver's import) and transfer {detail['transfer_ms']:.0f} ms (HTTP time outside the "
+            f"agents' compute, including their cache packing) of {detail['total_ms']:.0f} ms, "
+            f"for prompts of {detail['prompt_tokens']:.0f} tokens.")
+
+
+def note_concurrency(results: dict) -> str:
+    concurrency = results["concurrency"]
+    levels = sorted(int(level) for level, entry in concurrency.items() if isinstance(entry, dict))
+    rates = ", ".join(f"{level}: {concurrency[str(level)]['requests_per_s']:.3f}/s" for level in levels)
+    return (f"requests/s by concurrency: {rates}. Each agent runs one forward pass at a time (one lock per "
+            "model, no batching), so concurrency can only overlap the sharer, the receiver and the broker's "
+            f"bridge work of different requests; all of them share {results['meta']['machine']['cpu_count']} "
+            "CPU cores.")
+
+
+def measured_values(results: dict) -> list[float | None]:
+    latency = results.get("latency") or {}
+    wire = results.get("wire") or {}
+    concurrency = results.get("concurrency") or {}
+    return [
+        latency.get("ratio_t2t_over_c2c"),
+        latency.get("ratio_c2c_over_solo"),
+        wire.get("ratio_to_memcpy"),
+        wire.get("share_of_c2c"),
+        concurrency.get("speedup_highest_over_lowest"),
+    ]
+
+
+def check_targets(results: dict) -> list[dict]:
+    """Return, per target, the measured value, whether it was met and, when missed, what limits it."""
+    notes = (note_t2t_over_c2c, note_c2c_over_solo, note_wire, note_share, note_concurrency)
+    checked = []
+    for (name, goal, lower_is_better, threshold), value, note in zip(TARGETS, measured_values(results), notes):
+        if value is None:
+            met = None
+        elif lower_is_better:
+            met = value <= threshold
+        else:
+            met = value >= threshold
+        entry = {"name": name, "goal": goal, "threshold": threshold, "value": value, "met": met}
+        if met is False:
+            entry["note"] = note(results)
+        checked.append(entry)
+
+    concurrency = results.get("concurrency") or {}
+    levels = sorted(int(level) for level, entry in concurrency.items() if isinstance(entry, dict))
+    if levels and levels[-1] != 16:
+        checked[-1]["name"] = f"throughput at {levels[-1]} / at {levels[0]} concurrent (the target is for 16)"
+    return checked
+
