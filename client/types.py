@@ -195,4 +195,5 @@ class Health(_Open):
     """`/health` of the broker: its own status and each agent's."""
 
     status: str
+    tokenizers: str | None = None  # "loading" until the broker has every agent's tokenizer, then "ready"
     agents: dict[str, AgentHealth] = {}

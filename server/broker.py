@@ -118,6 +118,7 @@ class Broker:
         self.context = BrokerContext(self.agents, bridges, TokenizerStore(), config.t2t_max_tokens)
         self.metrics = BrokerMetrics()
         self.created = int(time.time())
+        self.tokenizers_state = "not started"  # then "loading", "ready" or "failed"
 
     def chat_request(self, body: ChatBody, request_id: str) -> ChatRequest:
         """Check names and modes and build the request the modes run."""
@@ -147,6 +148,7 @@ class Broker:
 
     async def load_tokenizers(self, retry_s: float = 1.0, give_up_s: float = 900.0) -> None:
         """Fetch every agent's tokenizer ahead of the first c2c request, retrying while agents start."""
+        self.tokenizers_state = "loading"
         deadline = time.monotonic() + give_up_s
         pending = list(self.agents.values())
         while pending and time.monotonic() < deadline:
@@ -158,7 +160,9 @@ class Broker:
                     logger.debug("tokenizer of %s not loaded yet: %s", agent.name, exc.message)
             if pending:
                 await asyncio.sleep(retry_s)
+        self.tokenizers_state = "ready"
         if pending:
+            self.tokenizers_state = "failed"
             logger.warning("gave up loading the tokenizers of %s ahead of time; c2c requests load them",
                            [a.name for a in pending])
 
@@ -166,7 +170,9 @@ class Broker:
         probes = await asyncio.gather(*(agent.health() for agent in self.agents.values()))
         agents = {name: {"url": agent.url, "status": status, "detail": detail}
                   for (name, agent), (status, detail) in zip(self.agents.items(), probes)}
-        return {"status": "ok", "agents": agents}
+        # "tokenizers" is "ready" once every agent's tokenizer is loaded, so that the first
+        # c2c request does not pay for it; requests are served in any state.
+        return {"status": "ok", "tokenizers": self.tokenizers_state, "agents": agents}
 
     async def agent_list(self) -> list[dict]:
         health = (await self.health())["agents"]
@@ -390,12 +396,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="broker config file (YAML or TOML): agents, bridges, timeouts")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for applying bridges (default: torch's, one per core)")
 
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # it logs every call to an agent at INFO
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         config = load_config(args.config)
         bridges = BridgeRegistry.load(config.bridge_dirs)

@@ -6,6 +6,8 @@ the same text: a closed-gate bridge and a same-model handoff both equal solo.
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -223,6 +225,14 @@ def test_listings_describe_agents_and_bridges(client):
     assert bridges["closed-gate"].size_bytes > 0
     assert health.status == "ok"
     assert {name: h.status for name, h in health.agents.items()} == dict.fromkeys(agents, "ok")
+
+
+def test_health_reports_tokenizers_ready(client):
+    deadline = time.monotonic() + 300
+    while client.health().tokenizers == "loading" and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+    assert client.health().tokenizers == "ready"
 
 
 def test_metrics_expose_stage_histograms(broker, client):
