@@ -29,14 +29,6 @@ def run_demo(broker_url: str, receiver: str, sharer: str, max_tokens: int) -> in
     """Ask QUESTION in c2c, t2t and solo mode; return 0 when all three requests succeeded, else 1."""
     failures = 0
     with Client(broker_url) as client:
-        # The first forward pass of a freshly started model is several times slower than
-        # the next ones; one short untimed request keeps that out of the timings below.
-        print("warming up the agents with one short c2c request", flush=True)
-        try:
-            client.chat("Hi", model=receiver, sharers=[sharer], mode="c2c", max_tokens=1)
-        except CachetalkError as exc:
-            print(f"  warm-up failed: {exc}", flush=True)
-
         print(f"\nquestion: {QUESTION}\n", flush=True)
         for mode in ("c2c", "t2t", "solo"):
             sharers = [sharer] if mode != "solo" else None
