@@ -50,9 +50,10 @@ def _error_from_agent(agent: AgentConfig, action: str, response: httpx.Response)
                         f"{message}; fix the agent's name or model in the broker config", code="agent_misconfigured",
                         error_type="server_error")
     if 400 <= status < 500:
-        # Passed through with the agent's wording: clients parse messages such as the
-        # context-overflow one ("This model's maximum context length is ...").
-        return APIError(status, message or f"agent {agent.name} rejected {action} with {status}", param, code)
+        # Passed through with the agent's wording, which clients parse (the context-overflow
+        # message starts "This model's maximum context length is"); the agent's name follows.
+        message = f"{message} [agent {agent.name}]" if message else f"agent {agent.name} rejected {action}"
+        return APIError(status, message, param, code)
     return APIError(502, f"agent {agent.name} failed during {action} with status {status}: {message}",
                     code="agent_error", error_type="server_error")
 

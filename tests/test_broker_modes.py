@@ -243,3 +243,11 @@ def test_metrics_expose_stage_histograms(broker, client):
     for stage in ("sharer_prefill", "receiver_prefill", "bridge", "transfer", "decode", "total"):
         assert f'cachetalk_broker_stage_seconds_count{{mode="c2c",stage="{stage}"}}' in text, stage
     assert 'cachetalk_broker_requests_total{mode="c2c",outcome="ok"}' in text
+
+
+def test_context_overflow_keeps_agent_wording(client):
+    with pytest.raises(BadRequestError) as error:
+        client.chat("word " * 9000, model=RECEIVER, mode="solo", max_tokens=2)
+
+    assert error.value.message.startswith("This model's maximum context length is 8192 tokens")
+    assert error.value.message.endswith(f"[agent {RECEIVER}]")
