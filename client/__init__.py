@@ -8,7 +8,8 @@ Example:
 
 from cachetalk.client.errors import (AgentError, AgentTimeoutError, APIConnectionError, BadRequestError,
                                      CachetalkError, NotFoundError, ServiceUnavailableError)
-from cachetalk.client.sdk import AsyncChatStream, AsyncClient, ChatStream, Client, build_chat_body
+from cachetalk.client.sdk import AsyncClient, Client, build_chat_body
+from cachetalk.client.streaming import AsyncChatStream, ChatStream
 from cachetalk.client.types import (AgentInfo, BridgeCard, CachetalkInfo, ChatChunk, ChatResponse, Health, Message,
                                     ModelInfo, Timings, Usage)
 
