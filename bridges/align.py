@@ -43,7 +43,7 @@ def same_vocabulary(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> b
 
 
 def _special_strings(tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """Every added special token's text, longest first so that no prefix matches early."""
+    """Return the text of every special token, longest first so that no prefix matches early."""
     strings = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
     strings |= set(tokenizer.all_special_tokens)
     return sorted(strings, key=len, reverse=True)
@@ -81,7 +81,7 @@ def _markers_uncached(tokenizer: PreTrainedTokenizerBase) -> TemplateMarkers:
         starts = _find_specials(before, specials)
         if starts:
             position, turn_start = starts[-1]
-            # Gemma folds the system turn into the first user turn: the role line says "user".
+            # Gemma folds the system turn into the first user turn: the role line is "user".
             role_words[role] = before[position + len(turn_start):].strip().split("\n")[0].strip()
         ends = _find_specials(after, specials)
         if ends and turn_end is None:
@@ -161,7 +161,7 @@ def _spread(pieces: list[int], count: int) -> list[int]:
 
 
 def _fallback_id(sharer: PreTrainedTokenizerBase) -> int:
-    """The sharer token for a receiver token with no text of its own: a space."""
+    """Return the sharer token for a receiver token with no text of its own: a space."""
     pieces = sharer.encode(" ", add_special_tokens=False)
     return pieces[0] if pieces else sharer.unk_token_id
 

@@ -41,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--batch", type=int, default=8, help="samples per optimizer step")
     t.add_argument("--max-per-task", type=int, help="cap on training samples per BIG-bench task")
     t.add_argument("--max-prompt-tokens", type=int, default=384, help="longer prompts lose their middle")
+    t.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     t.add_argument("--seed", type=int, default=0, help="seed of initialisation, sample order, dropout and gates")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     t.add_argument("--val-every", type=int, default=0, help="validation loss every N steps (0: never)")
@@ -56,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--split", default="test", choices=["train", "validation", "test", "all"])
     e.add_argument("--limit", type=int, help="questions per task at most")
     e.add_argument("--max-prompt-tokens", type=int, default=384, help="longer prompts lose their middle")
+    e.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     e.add_argument("--out", type=Path, help="write the results as JSON here")
     e.add_argument("--record", action="store_true", help="also store the results in the bridge card")
 
@@ -139,4 +141,6 @@ def run_eval(args) -> int:
 
 
 def run(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     return run_train(args) if args.action == "train" else run_eval(args)

@@ -6,7 +6,7 @@ whose last message is the assistant's response, or `bigbench:TASK,TASK,...`.
 BIG-bench multiple-choice examples (those with `target_scores`) become chat samples
 in this format:
 
-    user:      <task prefix><question>
+    user:      <task prefix, if any, and a line break><question>
                Options:
                A. <option>
                B. <option>

@@ -3,7 +3,7 @@
 Each option is scored by the mean log-probability of its answer tokens ("B. text",
 without the turn-end marker), conditioned on the prompt; the highest mean wins. The
 mean rather than the sum keeps long options from losing by length alone. The prompt
-cache is computed once per question and model, and cropped back after each option.
+cache is computed once per question and model and shared by all options.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from cachetalk.bridges.data import Sample
 from cachetalk.bridges.store import Bridge
-from cachetalk.bridges.train import Encoded, encode_sample, fused_cache, response_log_probs
+from cachetalk.bridges.train import Encoded, encode_sample, prefill_layers, response_log_probs
+from cachetalk.server.kv import build_cache
 from cachetalk.server.models import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -25,14 +26,16 @@ logger = logging.getLogger(__name__)
 CONDITIONS = ("receiver", "sharer", "c2c", "self")
 
 
-def option_scores(model: LoadedModel, cache, encoded_options: list[Encoded]) -> list[float]:
-    """Mean log-prob of each option's answer tokens on a shared prompt cache."""
+def option_scores(model: LoadedModel, layers, encoded_options: list[Encoded]) -> list[float]:
+    """Mean log-prob of each option's answer tokens on a shared prompt cache.
+
+    Each option gets a fresh cache object over the same prompt tensors: a forward pass
+    concatenates new positions into new tensors and leaves the prompt tensors intact.
+    """
     scores = []
-    context = encoded_options[0].prompt_len - 1
     for encoded in encoded_options:
-        log_probs = response_log_probs(model, cache, encoded, encoded.answer_len)
+        log_probs = response_log_probs(model, build_cache(layers), encoded, encoded.answer_len)
         scores.append(log_probs.mean().item())
-        cache.crop(context)
     return scores
 
 
@@ -46,22 +49,23 @@ def evaluate_sample(sample: Sample, receiver: LoadedModel, sharer: LoadedModel, 
                     self_bridge: Bridge | None, max_prompt_tokens: int) -> dict[str, bool]:
     """Return, per condition, whether the top-scored option is the right one."""
     aligned = encode_options(receiver, sharer, sample, max_prompt_tokens)
+    context = aligned[0].prompt_len - 1
     results = {}
 
-    cache = fused_cache(None, receiver, None, aligned[0])
-    results["receiver"] = option_scores(receiver, cache, aligned)
+    # The three receiver conditions share one prefill of the prompt.
+    receiver_layers = prefill_layers(receiver, aligned[0].receiver_ids[:context])
+    results["receiver"] = option_scores(receiver, receiver_layers, aligned)
 
     # The sharer alone reads its own chat template: a model paired with itself needs no alignment.
     sharer_native = encode_options(sharer, sharer, sample, max_prompt_tokens)
-    cache = fused_cache(None, sharer, None, sharer_native[0])
-    results["sharer"] = option_scores(sharer, cache, sharer_native)
+    native_layers = prefill_layers(sharer, sharer_native[0].receiver_ids[:sharer_native[0].prompt_len - 1])
+    results["sharer"] = option_scores(sharer, native_layers, sharer_native)
 
     if bridge is not None:
-        cache = fused_cache(bridge.fuser, receiver, sharer, aligned[0])
-        results["c2c"] = option_scores(receiver, cache, aligned)
+        sharer_layers = prefill_layers(sharer, aligned[0].sharer_ids[:context])
+        results["c2c"] = option_scores(receiver, bridge.fuser(receiver_layers, sharer_layers), aligned)
     if self_bridge is not None:
-        cache = fused_cache(self_bridge.fuser, receiver, None, aligned[0])
-        results["self"] = option_scores(receiver, cache, aligned)
+        results["self"] = option_scores(receiver, self_bridge.fuser(receiver_layers, receiver_layers), aligned)
 
     return {name: max(range(len(s)), key=s.__getitem__) == sample.answer for name, s in results.items()}
 

@@ -11,8 +11,8 @@ each get their own projector, which reads the sharer layer `layer_map[t]`:
   back to the receiver's `kv_heads * head_dim`.
 - `w`: one logit per token and receiver KV head, read from the same hidden state.
 - `gate`: one learned logit per layer for keys and one for values. Training samples
-  a Gumbel-sigmoid (relaxed Bernoulli) with a temperature that the trainer anneals;
-  inference uses the hard test `logit > 0`, and a closed gate skips the projector and
+  a Gumbel-sigmoid (relaxed Bernoulli) with a temperature that the trainer anneals.
+  Inference uses the hard test `logit > 0`. A closed gate skips the projector and
   returns the receiver's tensor itself.
 
 The receiver's keys carry RoPE of the receiver's positions and the sharer's keys carry
@@ -171,5 +171,5 @@ class Fuser(nn.Module):
             raise ValueError(f"sharer cache has kv_heads, head_dim {tuple(s_keys.shape[1::2])}, "
                              f"bridge expects {(c.sharer_kv_heads, c.sharer_head_dim)}")
         if r_keys.shape[2] != s_keys.shape[2]:
-            raise ValueError(f"receiver cache holds {r_keys.shape[2]} tokens and sharer cache {s_keys.shape[2]}; "
+            raise ValueError(f"receiver cache contains {r_keys.shape[2]} tokens and sharer cache {s_keys.shape[2]}; "
                              "align the tokens first (cachetalk.bridges.align.align_tokens)")

@@ -2,7 +2,7 @@
 
 For each sample the prompt, except its last token, is prefilled by the receiver and
 (on aligned tokens) by the sharer without gradients. The fuser turns both caches into
-a fused receiver cache; the receiver then runs its last prompt token plus the response
+a fused receiver cache. The receiver then runs its last prompt token plus the response
 tokens on that cache, and the next-token loss on the response tokens flows back
 through the cache tensors into the fuser.
 
@@ -93,11 +93,15 @@ def encode_sample(receiver: LoadedModel, sharer: LoadedModel, messages: list[dic
 
 @torch.no_grad()
 def prefill_layers(lm: LoadedModel, token_ids: list[int]):
-    """Prefill without gradients (not inference mode, so the fuser can train on the result)."""
+    """Prefill without gradients (not inference mode, so the fuser can train on the result).
+
+    Only the cache is needed, so the LM head runs on the last position alone: for
+    Gemma 3's 262k vocabulary it would otherwise cost about as much as the layers.
+    """
     cache = new_cache()
     input_ids = torch.tensor([token_ids], device=lm.model.device)  # [1, tokens]
     positions = torch.arange(len(token_ids), device=lm.model.device).unsqueeze(0)
-    lm.model(input_ids=input_ids, cache=cache, position_ids=positions, use_cache=True)
+    lm.model(input_ids=input_ids, cache=cache, position_ids=positions, use_cache=True, logits_to_keep=1)
     return cache_layers(cache)
 
 
