@@ -29,8 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, (_, summary) in COMMANDS.items():
         subparsers.add_parser(name, help=summary, add_help=False)
 
-    # Build the full parser of the one subcommand named on the command line.
-    chosen = next((a for a in argv if not a.startswith("-")), None)
+    # Build the full parser of the one subcommand named on the command line: the first
+    # word left once the top-level options and their values are taken out.
+    top_level = argparse.ArgumentParser(add_help=False)
+    top_level.add_argument("--log-level")
+    _, rest = top_level.parse_known_args(argv)
+    chosen = next((a for a in rest if not a.startswith("-")), None)
     if chosen in COMMANDS:
         module = importlib.import_module(COMMANDS[chosen][0])
         sub = subparsers.choices[chosen]
