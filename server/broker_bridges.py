@@ -18,7 +18,7 @@ from cachetalk.bridges.store import WEIGHTS, Bridge, BridgeMismatchError, load_b
 from cachetalk.client.wire import KVCache, KVHeader
 from cachetalk.server.broker_config import ConfigError, find_bridge_folders
 from cachetalk.server.errors import APIError
-from cachetalk.server.kv import TORCH_DTYPES
+from cachetalk.server.kv import wire_arrays
 
 logger = logging.getLogger(__name__)
 
@@ -139,37 +139,12 @@ class BridgeRegistry:
                            f"{receiver_name}: {exc}", param="cachetalk.bridge", code="bridge_mismatch") from None
 
 
-def wire_to_layers(kv: KVCache) -> Layers:
-    """Turn a decoded wire-format cache into float tensors `[1, kv_heads, tokens, head_dim]` per layer."""
-    dtype = TORCH_DTYPES[kv.header.dtype]
-    layers = []
-    for keys, values in kv.layers:
-        pair = []
-        for array in (keys, values):
-            if dtype == torch.bfloat16:
-                tensor = torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
-            else:
-                tensor = torch.from_numpy(array.copy())
-            pair.append(tensor.unsqueeze(0))  # [1, kv_heads, tokens, head_dim]
-        layers.append((pair[0], pair[1]))
-    return layers
-
-
 def layers_to_wire(template: KVHeader, layers: Layers) -> KVCache:
     """Turn receiver layers back into a wire-format cache with the header of `template` (same model, tokens)."""
-    dtype = TORCH_DTYPES[template.dtype]
-    arrays = []
-    for keys, values in layers:
-        pair = []
-        for tensor in (keys, values):
-            tensor = tensor[0].detach().to("cpu", dtype).contiguous()  # [kv_heads, tokens, head_dim]
-            pair.append(tensor.view(torch.int16).numpy().view(np.uint16) if dtype == torch.bfloat16
-                        else tensor.numpy())
-        arrays.append((pair[0], pair[1]))
     header = KVHeader(fingerprint=template.fingerprint, dtype=template.dtype, layer_kinds=list(template.layer_kinds),
                       kv_heads=template.kv_heads, head_dim=template.head_dim, token_ids=list(template.token_ids),
                       model=template.model)
-    return KVCache(header, arrays)
+    return KVCache(header, wire_arrays(layers, template.dtype))
 
 
 def fuse_in_order(receiver_layers: Layers, sharers: list[tuple[RegisteredBridge, Layers]]) -> Layers:

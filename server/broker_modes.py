@@ -25,9 +25,9 @@ import msgpack
 
 from cachetalk.client import wire
 from cachetalk.server.broker_agents import AgentClient
-from cachetalk.server.broker_bridges import (BridgeRegistry, RegisteredBridge, fuse_in_order, layers_to_wire,
-                                             wire_to_layers)
+from cachetalk.server.broker_bridges import BridgeRegistry, RegisteredBridge, fuse_in_order, layers_to_wire
 from cachetalk.server.broker_tokenizers import TokenizerStore
+from cachetalk.server.kv import wire_layers
 from cachetalk.server.errors import APIError
 
 STAGES = ("tokenize", "sharer_prefill", "sharer_decode", "receiver_prefill", "transfer", "serialization", "bridge",
@@ -254,8 +254,8 @@ def _fuse(plan: _Plan, base: bytes, sharer_caches: list[bytes], timer: Timer) ->
     if not plan.bridged:
         timer.add("serialization", timer.since(started))
         return base  # same-model handoff only: the cache passes untouched
-    receiver_layers = wire_to_layers(base_kv)
-    sharer_layers = [wire_to_layers(wire.decode(cache)) for cache in sharer_caches]
+    receiver_layers = wire_layers(base_kv)
+    sharer_layers = [wire_layers(wire.decode(cache)) for cache in sharer_caches]
     timer.add("serialization", timer.since(started))
 
     started = time.perf_counter()

@@ -54,12 +54,9 @@ def build_cache(layers: Layers) -> DynamicCache:
     return cache
 
 
-def to_wire(lm: LoadedModel, layers: Layers, token_ids: list[int], dtype: str | None = None) -> KVCache:
-    """Convert torch layers of one sequence into a wire-format cache (default: the model's dtype)."""
-    dtype = dtype or WIRE_NAMES[lm.dtype]
+def wire_arrays(layers: Layers, dtype: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Copy torch layers of one sequence into wire-format arrays `[kv_heads, tokens, head_dim]` of `dtype`."""
     target = TORCH_DTYPES[dtype]
-    header = KVHeader(fingerprint=lm.fingerprint, dtype=dtype, layer_kinds=lm.layer_kinds,
-                      kv_heads=lm.num_kv_heads, head_dim=lm.head_dim, token_ids=list(token_ids), model=lm.name)
     arrays = []
     for keys, values in layers:
         pair = []
@@ -70,7 +67,31 @@ def to_wire(lm: LoadedModel, layers: Layers, token_ids: list[int], dtype: str | 
             else:
                 pair.append(tensor.numpy())
         arrays.append((pair[0], pair[1]))
-    return KVCache(header, arrays)
+    return arrays
+
+
+def wire_layers(kv: KVCache) -> Layers:
+    """Copy a decoded wire-format cache into CPU tensors `[1, kv_heads, tokens, head_dim]` of its own dtype."""
+    source = TORCH_DTYPES[kv.header.dtype]
+    layers = []
+    for keys, values in kv.layers:
+        pair = []
+        for array in (keys, values):
+            if source == torch.bfloat16:
+                tensor = torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
+            else:
+                tensor = torch.from_numpy(array.copy())
+            pair.append(tensor.unsqueeze(0))
+        layers.append((pair[0], pair[1]))
+    return layers
+
+
+def to_wire(lm: LoadedModel, layers: Layers, token_ids: list[int], dtype: str | None = None) -> KVCache:
+    """Convert torch layers of one sequence into a wire-format cache (default: the model's dtype)."""
+    dtype = dtype or WIRE_NAMES[lm.dtype]
+    header = KVHeader(fingerprint=lm.fingerprint, dtype=dtype, layer_kinds=lm.layer_kinds,
+                      kv_heads=lm.num_kv_heads, head_dim=lm.head_dim, token_ids=list(token_ids), model=lm.name)
+    return KVCache(header, wire_arrays(layers, dtype))
 
 
 def check_compatible(lm: LoadedModel, header: KVHeader, allow_cast: bool = False) -> None:
@@ -106,16 +127,4 @@ def check_compatible(lm: LoadedModel, header: KVHeader, allow_cast: bool = False
 def from_wire(lm: LoadedModel, kv: KVCache, allow_cast: bool = False) -> Layers:
     """Validate a wire-format cache against the model and convert it into torch layers on its device."""
     check_compatible(lm, kv.header, allow_cast)
-    source = TORCH_DTYPES[kv.header.dtype]
-    layers = []
-    for keys, values in kv.layers:
-        pair = []
-        for array in (keys, values):
-            if source == torch.bfloat16:
-                tensor = torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
-            else:
-                tensor = torch.from_numpy(array.copy())
-            pair.append(tensor.to(lm.model.device, lm.dtype).unsqueeze(0))  # [1, kv_heads, tokens, head_dim]
-        layers.append((pair[0], pair[1]))
-    return layers
-
+    return [(k.to(lm.model.device, lm.dtype), v.to(lm.model.device, lm.dtype)) for k, v in wire_layers(kv)]
