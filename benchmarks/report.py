@@ -46,7 +46,7 @@ def render_meta(results: dict) -> list[str]:
         f"- Models: receiver {meta['receiver']}, sharer {meta['sharer']}; bridge {meta['bridge']}, "
         f"self bridge {meta['self_bridge']}; t2t notes of at most {meta['t2t_max_tokens']} tokens.",
         f"- Stack: {meta['stack']}"
-        + (f", {meta['agent_threads']} torch threads per agent" if meta.get("agent_threads") else "")
+        + (f", torch threads per agent: {meta['agent_threads']}" if meta.get("agent_threads") else "")
         + ". Every request and t2t note is in `answers.jsonl`.",
     ]
 

@@ -52,11 +52,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "tokens, caches up to 1,024 tokens, concurrency 1 and 4")
     parser.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for results.json, RESULTS.md "
                         "and the plots (default ./bench-out)")
+
     parser.add_argument("--broker-url", help="use this running broker instead of starting the default stack")
     parser.add_argument("--bridge", type=Path, help="bridge folder, sharer -> receiver (default: the shipped "
                         f"{DEFAULT_BRIDGE})")
     parser.add_argument("--self-bridge", type=Path, help="self bridge folder, receiver -> receiver (default: the "
                         f"shipped {DEFAULT_SELF_BRIDGE}); the broker must have loaded the same bridges")
+
     parser.add_argument("--per-task", type=int, help="questions per task at most (default 10; 2 with --quick)")
     parser.add_argument("--tasks", help="comma-separated BIG-bench tasks the bridges were trained on; their test "
                         "split is scored (default: the 14 training tasks)")
@@ -69,16 +71,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default 256; 32 with --quick)")
     parser.add_argument("--max-prompt-tokens", type=int, default=384,
                         help="prompt limit of log-likelihood scoring, as in `cachetalk bridge eval` (default 384)")
+
     parser.add_argument("--wire-max-tokens", type=int, help="largest cache of the wire benchmark (default 8192; "
                         "1024 with --quick)")
     parser.add_argument("--wire-repeats", type=int, help="timed runs per wire point (default 5; 3 with --quick)")
+
     parser.add_argument("--concurrency", help="comma-separated concurrency levels (default 1,4,16; 1,4 with --quick)")
     parser.add_argument("--requests-per-level", type=int,
                         help="c2c requests per concurrency level (default: twice the level, at least 8; "
                              "with --quick, the level, at least 2)")
     parser.add_argument("--agent-threads", type=int,
-                        help="torch threads per agent of the started stack (default: torch's choice, one per core, "
-                             "as `cachetalk up`)")
+                        help="torch threads per agent of the started stack (default: that of `cachetalk up`)")
+
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: accuracy, latency, wire, "
                         "concurrency (latency also gives the generated-answer accuracy)")
 
@@ -176,10 +180,11 @@ def bench_stack(args: argparse.Namespace, bridges: Bridges) -> Iterator[str]:
     The broker loads bridges by folder, so both bridge folders are linked into one
     temporary folder under their own names (the broker's bridge names).
     """
-    from cachetalk.server.stack import RECEIVER, SHARER, Stack
+    from cachetalk.server import stack as stack_module
 
-    if (bridges.receiver, bridges.sharer) != (RECEIVER, SHARER):
-        raise SystemExit(f"the default stack serves {SHARER} -> {RECEIVER}, but bridge {bridges.folder} is for "
+    receiver, sharer = stack_module.RECEIVER, stack_module.SHARER
+    if (bridges.receiver, bridges.sharer) != (receiver, sharer):
+        raise SystemExit(f"the default stack serves {sharer} -> {receiver}, but bridge {bridges.folder} is for "
                          f"{bridges.sharer} -> {bridges.receiver}; start agents for that pair and pass --broker-url")
     with tempfile.TemporaryDirectory(prefix="cachetalk-bench-") as run_dir:
         bridge_root = Path(run_dir) / "bridges"
@@ -187,11 +192,18 @@ def bench_stack(args: argparse.Namespace, bridges: Bridges) -> Iterator[str]:
         for folder in (bridges.folder, bridges.self_folder):
             if folder is not None:
                 (bridge_root / folder.name).symlink_to(folder, target_is_directory=True)
-        settings = argparse.Namespace(host="127.0.0.1", port=0, receiver_port=0, sharer_port=0,
-                                      bridges=str(bridge_root), t2t_max_tokens=args.t2t_max_tokens,
-                                      threads=args.agent_threads,
-                                      log_dir=str(args.out / "logs"), log_level="INFO")
-        stack = Stack(settings, Path(run_dir))
+
+        # Parse `cachetalk up` options, so that its defaults (such as threads per agent) apply.
+        parser = argparse.ArgumentParser()
+        stack_module.add_arguments(parser)
+        options = ["--port", "0", "--receiver-port", "0", "--sharer-port", "0", "--bridges", str(bridge_root),
+                   "--t2t-max-tokens", str(args.t2t_max_tokens), "--log-dir", str(args.out / "logs")]
+        if args.agent_threads:
+            options += ["--threads", str(args.agent_threads)]
+        settings = parser.parse_args(options)
+        settings.log_level = "INFO"
+        args.agent_threads = settings.threads
+        stack = stack_module.Stack(settings, Path(run_dir))
         try:
             stack.start()
             stack.wait_healthy(timeout=600)

@@ -39,12 +39,15 @@ def note_t2t_over_c2c(results: dict) -> str:
 def note_c2c_over_solo(results: dict) -> str:
     latency = results["latency"]
     solo, c2c = latency["solo"], latency["c2c"]
-    extra = {name: ms for name, ms in _stage_medians(c2c).items()
-             if name in ("sharer_prefill", "transfer", "serialization", "bridge")}
-    extra_text = ", ".join(f"{name} {ms:.0f} ms" for name, ms in extra.items())
-    return (f"solo takes {solo['median_ms']:.0f} ms ({_stages_text(solo)}); c2c takes {c2c['median_ms']:.0f} ms. "
-            f"c2c adds stages solo does not have: {extra_text} (medians; the sharer and receiver prefills run "
-            "concurrently, on the same CPU cores).")
+    stages = _stage_medians(c2c)
+    sharer, receiver = stages.get("sharer_prefill", 0.0), stages.get("receiver_prefill", 0.0)
+    slower = "sharer" if sharer > receiver else "receiver"
+    extra = ", ".join(f"{name} {stages[name]:.0f} ms" for name in ("tokenize", "transfer", "serialization", "bridge")
+                      if name in stages)
+    return (f"solo takes {solo['median_ms']:.0f} ms ({_stages_text(solo)}); c2c takes {c2c['median_ms']:.0f} ms "
+            f"({_stages_text(c2c)}). The two prefills run at the same time, so the slower one, the {slower} "
+            f"({max(sharer, receiver):.0f} ms against {min(sharer, receiver):.0f} ms), sets the pace, and c2c "
+            f"adds {extra} on top (medians).")
 
 
 def note_wire(results: dict) -> str:
@@ -56,7 +59,9 @@ def note_wire(results: dict) -> str:
         decode_ms = sum(ms for step, ms in steps.items() if step.startswith("decode_"))
         parts.append(
             f"{model}: arrays to bytes {steps['encode_arrays_to_bytes_ms']:.0f} ms, join {steps['encode_join_body_ms']:.0f} ms, "
-            f"msgpack pack {steps['encode_msgpack_pack_ms']:.0f} ms (encode {encode_ms:.0f} ms); msgpack unpack "
+            f"msgpack pack {steps['encode_msgpack_pack_ms']:.0f} ms "
+            f"({steps['encode_msgpack_pack_ms'] / steps['reference_memcpy_ms']:.1f}x one memcpy; "
+            f"encode {encode_ms:.0f} ms); msgpack unpack "
             f"{steps['decode_msgpack_unpack_ms']:.0f} ms (decode {decode_ms:.0f} ms); one memcpy "
             f"{steps['reference_memcpy_ms']:.0f} ms, one copy into new memory {steps['reference_copy_to_new_memory_ms']:.0f} ms")
     return (f"encode copies the body three times (each array to bytes, the join, msgpack) and decode once "
