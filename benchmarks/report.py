@@ -107,6 +107,20 @@ def render_accuracy(results: dict) -> list[str]:
     return lines
 
 
+def render_comparisons(results: dict) -> list[str]:
+    comparisons = results.get("comparisons") or {}
+    if not comparisons:
+        return []
+    lines = ["", "c2c against each mode on the same questions: questions c2c got right and the other wrong "
+             "(wins), the reverse (losses), and the two-sided exact McNemar p-value of the difference.", ""]
+    rows = []
+    for name, measures in comparisons.items():
+        for measure, entry in measures.items():
+            rows.append([name.replace("_vs_", " vs "), measure, entry["wins"], entry["losses"], entry["ties"],
+                         f"{entry['p_value']:.3f}"])
+    return lines + table(["comparison", "measure", "wins", "losses", "ties", "p-value"], rows)
+
+
 def render_latency(results: dict) -> list[str]:
     latency = results.get("latency") or {}
     modes = [mode for mode, entry in latency.items() if isinstance(entry, dict) and "median_ms" in entry]
@@ -190,7 +204,8 @@ def render_plots(plots: list[Path]) -> list[str]:
 def render_markdown(results: dict, plots: list[Path]) -> str:
     """Return RESULTS.md: the run's setup, targets, then one section per measurement, then plots."""
     lines = render_meta(results)
-    for render in (render_targets, render_accuracy, render_latency, render_wire, render_concurrency):
+    for render in (render_targets, render_accuracy, render_comparisons, render_latency, render_wire,
+                   render_concurrency):
         lines += render(results)
     lines += render_plots(plots)
     return "\n".join(lines) + "\n"

@@ -34,6 +34,7 @@ from cachetalk.benchmarks.concurrency import run_concurrency
 from cachetalk.benchmarks.latency import broker_modes, run_broker_pass, share_of_c2c, summarize_latency
 from cachetalk.benchmarks.plots import write_plots
 from cachetalk.benchmarks.report import render_markdown
+from cachetalk.benchmarks.stats import paired_comparison
 from cachetalk.benchmarks.targets import check_targets
 from cachetalk.benchmarks.wire import ModelShape, run_wire_benchmark
 from cachetalk.bridges.store import Bridge, default_bridge_dir, load_bridge
@@ -235,29 +236,43 @@ def through_broker(args, base_url: str, questions, bridges: Bridges, results: di
     return state
 
 
-def generated_accuracy(questions, records: list[dict]) -> dict[str, dict]:
-    by_mode: dict[str, list[bool]] = {}
-    for record in records:
+def generated_outcomes(records: list[dict]) -> dict[str, list[dict]]:
+    """Per mode, the broker records in question order."""
+    by_mode: dict[str, list[dict]] = {}
+    for record in sorted(records, key=lambda r: r["question"]):
         by_mode.setdefault(record["mode"], []).append(record)
+    return by_mode
+
+
+def generated_accuracy(questions, by_mode: dict[str, list[dict]]) -> dict[str, dict]:
     summaries = {}
-    for mode, mode_records in by_mode.items():
-        ordered = sorted(mode_records, key=lambda r: r["question"])
-        summary = acc.summarize_outcomes(questions, [r["right"] for r in ordered])
-        summary["unmatched"] = sum(1 for r in ordered if r.get("chosen") is None)
-        summary["errors"] = sum(1 for r in ordered if "error" in r)
+    for mode, records in by_mode.items():
+        summary = acc.summarize_outcomes(questions, [r["right"] for r in records])
+        summary["unmatched"] = sum(1 for r in records if r.get("chosen") is None)
+        summary["errors"] = sum(1 for r in records if "error" in r)
         summaries[mode] = summary
     return summaries
 
 
-def in_process_accuracy(args, questions, bridges: Bridges, notes: list[str] | None) -> dict[str, dict]:
+def in_process_outcomes(args, questions, bridges: Bridges, notes: list[str] | None) -> dict[str, list[bool]]:
     receiver = load_model(bridges.receiver)
     sharer = load_model(bridges.sharer)
     bridges.bridge.check(sharer.fingerprint, receiver.fingerprint)
     if bridges.self_bridge is not None:
         bridges.self_bridge.check(receiver.fingerprint, receiver.fingerprint)
-    outcomes = acc.loglik_outcomes(questions, receiver, sharer, bridges.bridge, bridges.self_bridge, notes,
-                                   args.max_prompt_tokens, args.t2t_max_tokens)
-    return {mode: acc.summarize_outcomes(questions, values) for mode, values in outcomes.items()}
+    return acc.loglik_outcomes(questions, receiver, sharer, bridges.bridge, bridges.self_bridge, notes,
+                               args.max_prompt_tokens, args.t2t_max_tokens)
+
+
+def compare_with_c2c(loglik: dict[str, list[bool]], generated: dict[str, list[bool]]) -> dict[str, dict]:
+    """Compare c2c with solo, t2t, self and the sharer on the same questions, per measure."""
+    comparisons: dict[str, dict] = {}
+    for other in ("solo", "t2t", "self", "sharer"):
+        for measure, outcomes in (("loglik", loglik), ("generated", generated)):
+            if "c2c" in outcomes and other in outcomes:
+                comparisons.setdefault(f"c2c_vs_{other}", {})[measure] = paired_comparison(outcomes["c2c"],
+                                                                                           outcomes[other])
+    return comparisons
 
 
 def assemble_accuracy(loglik: dict[str, dict], generated: dict[str, dict]) -> dict[str, dict]:
@@ -359,10 +374,13 @@ def run(args: argparse.Namespace) -> int:
         stack = "not used"
     write_records(args.out, questions, state)
 
-    generated = generated_accuracy(questions, state["records"])
-    loglik = {} if "accuracy" in args.skipped else in_process_accuracy(args, questions, bridges, state["notes"])
+    by_mode = generated_outcomes(state["records"])
+    generated = {mode: [r["right"] for r in records] for mode, records in by_mode.items()}
+    loglik = {} if "accuracy" in args.skipped else in_process_outcomes(args, questions, bridges, state["notes"])
     if loglik or generated:
-        results["accuracy"] = assemble_accuracy(loglik, generated)
+        summaries = {mode: acc.summarize_outcomes(questions, values) for mode, values in loglik.items()}
+        results["accuracy"] = assemble_accuracy(summaries, generated_accuracy(questions, by_mode))
+        results["comparisons"] = compare_with_c2c(loglik, generated)
 
     if "wire" not in args.skipped:
         results["wire"] = run_wire_benchmark(state["shapes"] or local_shapes(bridges), args.wire_max_tokens,

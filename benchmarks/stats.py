@@ -74,3 +74,29 @@ def accuracy_summary(correct: Sequence[bool]) -> dict[str, float]:
     low, high = wilson_interval(successes, len(correct))
     return {"accuracy": successes / len(correct), "ci_low": low, "ci_high": high,
             "n": len(correct), "correct": successes}
+
+
+def mcnemar_exact(wins: int, losses: int) -> float:
+    """Return the two-sided exact McNemar p-value for paired right/wrong outcomes.
+
+    `wins` counts questions the first mode got right and the second wrong, `losses`
+    the reverse. Under the null hypothesis of equal accuracy each discordant question
+    is a fair coin flip, so this is a two-sided binomial test on wins + losses flips.
+    """
+    if wins < 0 or losses < 0:
+        raise ValueError(f"counts must be non-negative, got {wins} and {losses}")
+    flips = wins + losses
+    if flips == 0:
+        return 1.0
+    tail = sum(math.comb(flips, k) for k in range(min(wins, losses) + 1)) / 2 ** flips
+    return min(1.0, 2 * tail)
+
+
+def paired_comparison(first: Sequence[bool], second: Sequence[bool]) -> dict[str, float]:
+    """Compare two modes on the same questions: wins and losses of `first`, and the McNemar p-value."""
+    if len(first) != len(second):
+        raise ValueError(f"paired outcomes need equal lengths, got {len(first)} and {len(second)}")
+    wins = sum(1 for a, b in zip(first, second) if a and not b)
+    losses = sum(1 for a, b in zip(first, second) if b and not a)
+    return {"wins": wins, "losses": losses, "ties": len(first) - wins - losses,
+            "p_value": mcnemar_exact(wins, losses)}

@@ -133,3 +133,16 @@ def test_bench_report_lists_targets(bench_out, results):
             assert target["note"] in report
     assert f"torch {results['meta']['machine']['torch']}" in report
     assert "cachetalk bench --quick" in report
+
+
+def test_bench_compares_c2c_pairwise(results):
+    questions = results["accuracy"]["c2c"]["n"]
+    for other in ("solo", "t2t", "self", "sharer"):
+        for measure in ("loglik", "generated"):
+            entry = results["comparisons"][f"c2c_vs_{other}"][measure]
+            assert entry["wins"] + entry["losses"] + entry["ties"] == questions, (other, measure)
+            assert 0 < entry["p_value"] <= 1, (other, measure)
+            c2c, rival = results["accuracy"]["c2c"], results["accuracy"][other]
+            if measure == "generated":
+                c2c, rival = c2c["generated"], rival["generated"]
+            assert entry["wins"] - entry["losses"] == c2c["correct"] - rival["correct"], (other, measure)

@@ -3,7 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from cachetalk.benchmarks.stats import accuracy_summary, percentile, ratio, summarize_ms, wilson_interval
+from cachetalk.benchmarks.stats import (accuracy_summary, mcnemar_exact, paired_comparison, percentile, ratio,
+                                         summarize_ms, wilson_interval)
 
 # Wilson score intervals without continuity correction for the worked examples of
 # Newcombe (1998), "Two-sided confidence intervals for the single proportion",
@@ -94,3 +95,29 @@ def test_accuracy_summary_counts_and_interval():
     assert summary["correct"] == 3
     assert summary["accuracy"] == 0.75
     assert summary["ci_low"] < 0.75 < summary["ci_high"]
+
+
+@pytest.mark.parametrize("wins, losses, expected", [
+    (0, 5, 2 / 32),  # 2 * P(X <= 0) for 5 fair flips
+    (1, 9, 2 * 11 / 1024),  # 2 * P(X <= 1) for 10 fair flips
+    (9, 1, 2 * 11 / 1024),
+    (3, 3, 1.0),
+    (0, 0, 1.0),
+])
+def test_mcnemar_exact_known_values(wins, losses, expected):
+    assert mcnemar_exact(wins, losses) == pytest.approx(expected)
+
+
+def test_paired_comparison_counts():
+    first = [True, True, False, False, True]
+    second = [True, False, True, False, False]
+    result = paired_comparison(first, second)
+    assert result["wins"] == 2
+    assert result["losses"] == 1
+    assert result["ties"] == 2
+    assert result["p_value"] == pytest.approx(1.0)
+
+
+def test_paired_comparison_rejects_unequal_lengths():
+    with pytest.raises(ValueError):
+        paired_comparison([True], [True, False])
