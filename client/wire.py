@@ -17,6 +17,7 @@ Version history:
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 
 import msgpack
@@ -102,14 +103,18 @@ class KVCache:
 
 
 def encode(cache: KVCache) -> bytes:
-    """Serialize a cache; arrays must already have the header's dtype and shape."""
+    """Serialize a cache; arrays must already have the header's dtype and shape.
+
+    The tensor bytes are copied once, straight into the message: the msgpack framing
+    around the body is written by hand so that no intermediate body buffer is built.
+    """
     header = cache.header
     _check_header_values(header.to_dict())
     if len(cache.layers) != header.num_layers:
         raise WireFormatError("num_layers", f"header says {header.num_layers}, cache has {len(cache.layers)}")
 
     expected = DTYPES[header.dtype]
-    chunks = []
+    chunks = [_message_prefix(header)]
     for index, (keys, values) in enumerate(cache.layers):
         for part, array in (("keys", keys), ("values", values)):
             if array.shape != header.layer_shape:
@@ -117,20 +122,30 @@ def encode(cache: KVCache) -> bytes:
                                       f"expected {header.layer_shape}")
             if array.dtype.itemsize != expected.itemsize or array.dtype.kind != expected.kind:
                 raise WireFormatError("dtype", f"layer {index} {part} is {array.dtype}, header says {header.dtype}")
-            chunks.append(np.ascontiguousarray(array, dtype=expected).tobytes())
-    return msgpack.packb({"header": header.to_dict(), "body": b"".join(chunks)}, use_bin_type=True)
+            contiguous = np.ascontiguousarray(array, dtype=expected)
+            chunks.append(memoryview(contiguous).cast("B") if contiguous.size else b"")
+    return b"".join(chunks)
 
 
-def decode_header(message: bytes) -> tuple[KVHeader, bytes]:
-    """Parse and validate the header; return it with the still-undecoded body."""
-    try:
-        unpacked = msgpack.unpackb(message, raw=False, strict_map_key=True)
-    except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError, TypeError) as exc:
-        raise WireFormatError("message", f"not a valid msgpack document ({exc})") from None
+def _message_prefix(header: KVHeader) -> bytes:
+    """The msgpack bytes before the body: map of 2, "header" and its map, "body" and a bin header."""
+    packer = msgpack.Packer(use_bin_type=True)
+    size = header.body_size()
+    if size < 1 << 8:
+        bin_header = b"\xc4" + size.to_bytes(1, "big")
+    elif size < 1 << 16:
+        bin_header = b"\xc5" + size.to_bytes(2, "big")
+    elif size < 1 << 32:
+        bin_header = b"\xc6" + size.to_bytes(4, "big")
+    else:
+        raise WireFormatError("body", f"{size} bytes exceed msgpack's 4 GiB limit for one binary field")
+    return (packer.pack_map_header(2) + packer.pack("header") + packer.pack(header.to_dict())
+            + packer.pack("body") + bin_header)
 
-    if not isinstance(unpacked, dict) or "header" not in unpacked or "body" not in unpacked:
-        raise WireFormatError("message", "expected a map with keys 'header' and 'body'")
-    raw = unpacked["header"]
+
+def decode_header(message: bytes) -> tuple[KVHeader, memoryview]:
+    """Parse and validate the header; return it with the body, a view into `message` (no copy)."""
+    raw, body = _split_message(message)
     if not isinstance(raw, dict):
         raise WireFormatError("header", "expected a map")
     _check_header_values(raw)
@@ -138,14 +153,57 @@ def decode_header(message: bytes) -> tuple[KVHeader, bytes]:
     header = KVHeader(fingerprint=raw["fingerprint"], dtype=raw["dtype"], layer_kinds=list(raw["layer_kinds"]),
                       kv_heads=raw["kv_heads"], head_dim=raw["head_dim"], token_ids=list(raw["token_ids"]),
                       version=raw["version"], model=raw.get("model", ""))
-    body = unpacked["body"]
-    if not isinstance(body, bytes):
+    if body is None:
         raise WireFormatError("body", "expected bytes")
     if len(body) != header.body_size():
         raise WireFormatError("body", f"has {len(body)} bytes, header implies {header.body_size()} "
                               f"({header.num_layers} layers x 2 x {header.layer_shape} x {header.dtype}); "
                               "the message is truncated or its header is wrong")
     return header, body
+
+
+def _split_message(message: bytes) -> tuple[object, memoryview | None]:
+    """Return (raw header, body view); the body view is None when the body is not binary.
+
+    Messages written by `encode` ("header" first, then "body") are parsed up to the body
+    and the body is sliced in place; any other key order falls back to a full unpack.
+    """
+    view = memoryview(message)
+    unpacker = msgpack.Unpacker(io.BytesIO(message), raw=False, strict_map_key=True, read_size=1 << 16)
+    try:
+        if unpacker.read_map_header() == 2 and unpacker.unpack() == "header":
+            raw = unpacker.unpack()
+            if unpacker.unpack() == "body":
+                return raw, _read_bin(view, unpacker.tell())
+    except msgpack.OutOfData:
+        raise WireFormatError("message", "the message ends inside its header; it is truncated") from None
+    except (msgpack.FormatError, msgpack.StackError, ValueError, TypeError):
+        pass  # not in encode's layout: the full unpack below reports what is wrong
+
+    try:
+        unpacked = msgpack.unpackb(message, raw=False, strict_map_key=True)
+    except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError, TypeError) as exc:
+        raise WireFormatError("message", f"not a valid msgpack document ({exc})") from None
+    if not isinstance(unpacked, dict) or "header" not in unpacked or "body" not in unpacked:
+        raise WireFormatError("message", "expected a map with keys 'header' and 'body'")
+    body = unpacked["body"]
+    return unpacked["header"], memoryview(body) if isinstance(body, bytes) else None
+
+
+def _read_bin(view: memoryview, offset: int) -> memoryview | None:
+    """Slice the msgpack binary field at `offset` out of `view`; None when it is not binary."""
+    sizes = {0xC4: 1, 0xC5: 2, 0xC6: 4}
+    if offset >= len(view) or view[offset] not in sizes:
+        return None
+    width = sizes[view[offset]]
+    start = offset + 1 + width
+    if start > len(view):
+        raise WireFormatError("body", "the message ends inside the body's length field; it is truncated")
+    size = int.from_bytes(view[offset + 1:start], "big")
+    if start + size != len(view):
+        raise WireFormatError("body", f"has {len(view) - start} bytes after its length field, which says {size}; "
+                              "the message is truncated or has trailing data")
+    return view[start:start + size]
 
 
 def decode(message: bytes) -> KVCache:
