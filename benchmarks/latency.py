@@ -64,6 +64,7 @@ def send(client: Client, request: ModeRequest, messages: list[dict], max_tokens:
         "text": reply.text,
         "timings": timings,
         "bridge": info.bridge if info else None,
+        "notes": [note.text for note in info.notes] if info and info.notes else None,
         "prompt_tokens": reply.usage.prompt_tokens if reply.usage else None,
         "completion_tokens": reply.usage.completion_tokens if reply.usage else None,
     }

@@ -142,13 +142,23 @@ def through_broker(args, base_url: str, questions, bridges: Bridges, results: di
             state["records"] = run_broker_pass(client, questions, modes, args.answer_max_tokens)
             results["latency"] = summarize_latency(state["records"])
         if "accuracy" not in args.skipped:
-            state["notes"] = acc.fetch_sharer_notes(agents[bridges.sharer].url, bridges.sharer, questions,
-                                                    args.t2t_max_tokens)
+            state["notes"] = notes_from_records(state["records"], len(questions))
+            if state["notes"] is None:
+                state["notes"] = acc.fetch_sharer_notes(agents[bridges.sharer].url, bridges.sharer, questions,
+                                                        args.t2t_max_tokens)
 
     if "concurrency" not in args.skipped:
         results["concurrency"] = run_concurrency(base_url, modes["c2c"], [q.messages for q in questions],
                                                  args.levels, args.requests, args.answer_max_tokens)
     return state
+
+
+def notes_from_records(records: list[dict], count: int) -> list[str] | None:
+    """The sharer's t2t note per question, as the broker returned it in the latency pass; None if any is missing."""
+    notes = {r["question"]: r["notes"][0] for r in records if r["mode"] == "t2t" and r.get("notes")}
+    if len(notes) != count:
+        return None
+    return [notes[number] for number in range(count)]
 
 
 def generated_outcomes(records: list[dict]) -> dict[str, list[dict]]:

@@ -47,18 +47,27 @@ class Timings(_Open):
     total_ms: float | None = None
 
 
+class SharerNote(_Open):
+    """A sharer's text message to the receiver in t2t mode."""
+
+    sharer: str
+    text: str
+
+
 class CachetalkInfo(_Open):
     """Summary of how the broker served a request: the `cachetalk` object of every response.
 
     `bridge` has one entry per sharer in c2c mode: the name of the bridge applied, or
     None for a sharer that serves the receiver's own model (its cache passes as is).
-    It is None in t2t and solo mode.
+    It is None in t2t and solo mode. `notes` holds, in t2t mode only, the text message
+    each sharer wrote for the receiver.
     """
 
     mode: Mode
     sharers: list[str] = []
     bridge: list[str | None] | None = None
     timings: Timings = Timings()
+    notes: list[SharerNote] | None = None
 
 
 class Usage(_Open):

@@ -59,6 +59,7 @@ class Outcome:
     usage: dict
     timings: dict[str, float | None]
     bridge: list[str | None] | None = None
+    notes: list[dict] | None = None  # t2t: each sharer's text message, {"sharer", "text"}
 
 
 @dataclass
@@ -171,6 +172,8 @@ async def t2t(ctx: BrokerContext, request: ChatRequest) -> AsyncIterator[Piece |
     texts = await all_or_cancel(*(_sharer_note(ctx, s, request.messages, timer) for s in sharers))
     messages = with_sharer_notes(request.messages, list(zip(request.sharers, texts)))
     async for item in _receiver_chat(ctx, request, messages, timer):
+        if isinstance(item, Outcome):
+            item.notes = [{"sharer": name, "text": text} for name, text in zip(request.sharers, texts)]
         yield item
 
 

@@ -74,7 +74,10 @@ async def _until_disconnect(request: Request, events: AsyncIterator) -> AsyncIte
 
 
 def _info(request: ChatRequest, outcome: Outcome) -> dict:
-    return {"mode": request.mode, "sharers": request.sharers, "bridge": outcome.bridge, "timings": outcome.timings}
+    info = {"mode": request.mode, "sharers": request.sharers, "bridge": outcome.bridge, "timings": outcome.timings}
+    if outcome.notes is not None:
+        info["notes"] = outcome.notes
+    return info
 
 
 def log_details(http_request: Request, chat: ChatRequest, outcome: Outcome | None) -> None:

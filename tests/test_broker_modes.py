@@ -79,6 +79,8 @@ def test_t2t_reports_sharer_stages(client):
     assert timings.sharer_decode_ms is not None
     assert timings.receiver_prefill_ms is not None
     assert timings.bridge_ms is None
+    assert [note.sharer for note in reply.cachetalk.notes] == [SHARER]
+    assert isinstance(reply.cachetalk.notes[0].text, str)
 
 
 @pytest.mark.parametrize("mode", ["c2c", "t2t", "solo"])
