@@ -241,8 +241,8 @@ def align_ids(receiver_tokenizer: PreTrainedTokenizerBase, sharer_tokenizer: Pre
 def _start_with_bos(receiver, sharer, receiver_ids: list[int], sharer_ids: list[int]) -> None:
     """Put the sharer's BOS at position 0 when the sharer's template starts with one.
 
-    Models such as Gemma read badly without BOS. When the receiver's sequence has no
-    BOS of its own, its first token (usually a turn-start marker) gives way to it.
+    The sharer's sequence then starts as its own template starts it. When the receiver's
+    sequence has no BOS of its own, its first token (usually a turn-start marker) gives way.
     """
     if not sharer_ids or sharer.bos_token_id is None or sharer_ids[0] == sharer.bos_token_id:
         return

@@ -69,7 +69,7 @@ def test_special_tokens_map_to_counterparts(smollm, gemma):
     start_of_turn, end_of_turn = gemma.convert_tokens_to_ids(["<start_of_turn>", "<end_of_turn>"])
 
     assert receiver_ids[0] == im_start
-    assert sharer_ids[0] == gemma.bos_token_id  # Gemma reads badly without BOS
+    assert sharer_ids[0] == gemma.bos_token_id  # the Gemma template starts with BOS
     for r, s in zip(receiver_ids[1:], sharer_ids[1:]):
         if r == im_start:
             assert s == start_of_turn
