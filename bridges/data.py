@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import string
 import tarfile
 from dataclasses import dataclass, field
@@ -37,6 +38,11 @@ logger = logging.getLogger(__name__)
 BIGBENCH_SIMPLE_API = "https://pypi.org/simple/bigbench/"
 BIGBENCH_FILE = "bigbench-1.0.0.tar.gz"
 BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
+BIGBENCH_PINNED_URL = ("https://files.pythonhosted.org/packages/95/f8/"
+                       "c019b3579df548a04cac12342cfcb878e50ddf6cfcd7fddba8cfc721c157/" + BIGBENCH_FILE)
+# A folder of TASK/task.json files to use instead of the PyPI archive, for machines
+# whose package index does not serve it.
+BIGBENCH_DIR_ENV = "CACHETALK_BIGBENCH_DIR"
 TASKS_MEMBER = "bigbench/benchmark_tasks/"
 SPLITS = {"train": (0.0, 0.7), "validation": (0.7, 0.8), "test": (0.8, 1.0)}
 SPLIT_SEED = "cachetalk-bigbench-v1"
@@ -103,13 +109,15 @@ def task_samples(task: dict, task_name: str, split: str = "all") -> list[Sample]
 
 
 def _bigbench_url() -> tuple[str, str]:
+    """Return the archive's URL and sha256 from the index, or the pinned ones when the index omits it."""
     headers = {"Accept": "application/vnd.pypi.simple.v1+json"}
     listing = httpx.get(BIGBENCH_SIMPLE_API, headers=headers, timeout=60, follow_redirects=True)
     listing.raise_for_status()
     for entry in listing.json()["files"]:
         if entry["filename"] == BIGBENCH_FILE:
             return entry["url"], entry["hashes"]["sha256"]
-    raise RuntimeError(f"{BIGBENCH_FILE} is not listed at {BIGBENCH_SIMPLE_API}")
+    logger.warning("%s is not listed at %s; trying its pinned address", BIGBENCH_FILE, BIGBENCH_SIMPLE_API)
+    return BIGBENCH_PINNED_URL, BIGBENCH_SHA256
 
 
 def fetch_bigbench_archive() -> Path:
@@ -125,7 +133,10 @@ def fetch_bigbench_archive() -> Path:
     partial = target.with_name(target.name + ".partial")
     logger.info("downloading %s (358 MB) from %s", BIGBENCH_FILE, url)
     with httpx.stream("GET", url, timeout=120, follow_redirects=True) as response, partial.open("wb") as out:
-        response.raise_for_status()
+        if response.status_code != 200:
+            raise RuntimeError(f"downloading {url} failed with HTTP {response.status_code}; put {BIGBENCH_FILE} "
+                               f"(sha256 {BIGBENCH_SHA256}) at {target}, or set {BIGBENCH_DIR_ENV} to a folder "
+                               "of BIG-bench TASK/task.json files")
         for block in response.iter_bytes(1 << 20):
             out.write(block)
     actual = sha256_file(partial)
@@ -137,7 +148,12 @@ def fetch_bigbench_archive() -> Path:
 
 
 def bigbench_tasks_dir() -> Path:
-    """Return the folder of extracted `TASK/task.json` files, extracting them once."""
+    """Return the folder of extracted `TASK/task.json` files, extracting them once.
+
+    `$CACHETALK_BIGBENCH_DIR`, when set, names such a folder and replaces the download.
+    """
+    if override := os.environ.get(BIGBENCH_DIR_ENV):
+        return Path(override)
     folder = cachetalk_home() / "bigbench" / "benchmark_tasks"
     done = folder / ".complete"
     if done.exists():

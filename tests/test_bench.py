@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -12,11 +13,38 @@ pytestmark = pytest.mark.slow
 MODES = ("solo", "sharer", "t2t", "c2c", "self")
 
 
+CAPITALS = [("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"), ("Egypt", "Cairo"), ("Peru", "Lima"),
+            ("Kenya", "Nairobi"), ("Spain", "Madrid"), ("Norway", "Oslo"), ("Chile", "Santiago"),
+            ("Canada", "Ottawa"), ("Greece", "Athens"), ("Poland", "Warsaw")]
+
+
+def write_tasks(folder):
+    """Write two small multiple-choice tasks in BIG-bench's task.json format; return their names."""
+    cities = [city for _, city in CAPITALS]
+    capitals = [{"input": f"What is the capital of {country}?",
+                 "target_scores": {option: int(option == city) for option in [city, *[c for c in cities if c != city][:2]]}}
+                for country, city in CAPITALS]
+    sums = [{"input": f"What is {a} plus {b}?",
+             "target_scores": {str(a + b): 1, str(a + b + 1): 0, str(a + b + 10): 0}}
+            for a, b in [(i, 2 * i + 1) for i in range(1, 25)]]
+    tasks = {"quick_capitals": capitals, "quick_sums": sums}
+    for name, examples in tasks.items():
+        (folder / name).mkdir()
+        task = {"name": name, "description": "test task", "keywords": [], "metrics": ["multiple_choice_grade"],
+                "examples": examples}
+        (folder / name / "task.json").write_text(json.dumps(task))
+    return list(tasks)
+
+
 @pytest.fixture(scope="module")
 def bench_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    command = [sys.executable, "-m", "cachetalk.cli", "bench", "--quick", "--out", str(out)]
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    tasks_dir = tmp_path_factory.mktemp("bigbench")
+    trained, heldout = write_tasks(tasks_dir)
+    command = [sys.executable, "-m", "cachetalk.cli", "bench", "--quick", "--out", str(out),
+               "--tasks", trained, "--heldout-tasks", heldout]
+    env = {**os.environ, "CACHETALK_BIGBENCH_DIR": str(tasks_dir)}
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=1800, env=env)
     assert finished.returncode == 0, finished.stderr[-4000:]
     return out
 
