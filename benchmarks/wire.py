@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import msgpack
 import numpy as np
 
 from cachetalk.benchmarks.stats import percentile, ratio
@@ -104,36 +103,26 @@ def measure_size(shape: ModelShape, tokens: int, repeats: int) -> dict:
 
 
 def profile_encode_decode(shape: ModelShape, tokens: int, repeats: int) -> dict[str, float]:
-    """Split encode and decode into their copies and time each (ms), to show where the time goes.
+    """Time encode and decode beside reference copies of the same bytes (ms), to show where the time goes.
 
-    `encode` copies each array into a new bytes object, joins them into one body, and
-    msgpack copies the body into the message. msgpack copies it out again on decode,
-    and the arrays are then zero-copy views. Two reference copies of the body bytes
-    come with the steps: into a buffer that was written before (`memcpy`) and into
-    newly allocated memory, which pays a page fault per page on first touch.
+    `encode` copies each array once, straight into the new message, and `decode` reads
+    the body in place (its arrays are views). The references: one copy into a buffer
+    that was written before (`memcpy`), one copy into newly allocated numpy memory, and
+    one join of the arrays into a new bytes object, which is what encode must return.
+    Newly allocated memory pays a page fault per page on first touch.
     """
     cache = random_cache(shape, tokens)
-    chunks = [array.tobytes() for pair in cache.layers for array in pair]
-    body = b"".join(chunks)
-    document = {"header": cache.header.to_dict(), "body": body}
-    message = msgpack.packb(document, use_bin_type=True)
-    unpacked_body = msgpack.unpackb(message, raw=False)["body"]
-
-    source = np.frombuffer(body, dtype=np.uint8)
+    message = encode(cache)
+    views = [memoryview(array).cast("B") for pair in cache.layers for array in pair]
+    source = np.frombuffer(b"".join(views), dtype=np.uint8)
     target = np.empty_like(source)
-    count = shape.kv_heads * tokens * shape.head_dim
-    step = count * DTYPES[shape.dtype].itemsize
-    offsets = range(0, len(body), step)
 
     steps = {
-        "encode_arrays_to_bytes_ms": lambda: [array.tobytes() for pair in cache.layers for array in pair],
-        "encode_join_body_ms": lambda: b"".join(chunks),
-        "encode_msgpack_pack_ms": lambda: msgpack.packb(document, use_bin_type=True),
-        "decode_msgpack_unpack_ms": lambda: msgpack.unpackb(message, raw=False),
-        "decode_array_views_ms": lambda: [np.frombuffer(unpacked_body, DTYPES[shape.dtype], count, offset)
-                                          for offset in offsets],
+        "encode_ms": lambda: encode(cache),
+        "decode_ms": lambda: decode(message),
         "reference_memcpy_ms": lambda: np.copyto(target, source),
         "reference_copy_to_new_memory_ms": lambda: source.copy(),
+        "reference_join_to_new_bytes_ms": lambda: b"".join(views),
     }
     return {name: median_seconds(run_step, repeats) * 1e3 for name, run_step in steps.items()}
 
