@@ -13,7 +13,8 @@ in this format:
                Answer with the letter and text of the correct option.
     assistant: B. <option>
 
-Options keep the order of the task file. Each example falls in the train (70%),
+Options are shuffled with a seed made of the task name and the example index, because
+many task files list the right option first. Each example falls in the train (70%),
 validation (10%) or test (20%) split by a seeded hash of the task name and the
 example index, so splits stay fixed across runs and machines.
 """
@@ -24,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import string
 import tarfile
 from dataclasses import dataclass, field
@@ -71,12 +73,15 @@ def letter(index: int) -> str:
     return string.ascii_uppercase[index] if index < 26 else f"Z{index - 25}"
 
 
-def example_to_sample(task: dict, example: dict, task_name: str) -> Sample | None:
+def example_to_sample(task: dict, example: dict, task_name: str, index: int = 0) -> Sample | None:
     """Convert one BIG-bench example with `target_scores` into a chat sample, else None."""
     scores = example.get("target_scores")
     if not scores or not isinstance(scores, dict):
         return None
+    # Many task files list the right option first (emoji_movie, temporal_sequences), so
+    # keeping their order would let a model score by letter alone.
     options = list(scores)
+    random.Random(f"{SPLIT_SEED}:{task_name}:{index}:options").shuffle(options)
     best = max(range(len(options)), key=lambda i: scores[options[i]])
     prefix = task.get("task_prefix", "").strip()
     question = f"{prefix}\n{example['input'].strip()}" if prefix else example["input"].strip()
@@ -102,7 +107,7 @@ def task_samples(task: dict, task_name: str, split: str = "all") -> list[Sample]
     for index, example in enumerate(task.get("examples", [])):
         if split != "all" and split_of(task_name, index) != split:
             continue
-        sample = example_to_sample(task, example, task_name)
+        sample = example_to_sample(task, example, task_name, index)
         if sample is not None:
             samples.append(sample)
     return samples
