@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -90,9 +91,12 @@ def bench_stack(args: argparse.Namespace, bridges: Bridges) -> Iterator[str]:
         settings.log_level = "INFO"
         args.agent_threads = settings.threads
         stack = stack_module.Stack(settings, Path(run_dir))
+        # SIGTERM would otherwise end the bench without stopping the processes it started.
+        previous = signal.signal(signal.SIGTERM, stack_module.raise_stopped)
         try:
             stack.start()
             stack.wait_healthy(timeout=600)
             yield stack.broker_url
         finally:
             stack.stop()
+            signal.signal(signal.SIGTERM, previous)

@@ -208,7 +208,7 @@ def _signal_group(process: subprocess.Popen, signum: int) -> None:
         pass
 
 
-def _raise_stopped(signum: int, frame) -> None:
+def raise_stopped(signum: int, frame) -> None:
     raise Stopped(signal.Signals(signum).name)
 
 
@@ -241,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
         args.bridges = str(default_bridge_dir())
     args.log_level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
 
-    previous = {s: signal.signal(s, _raise_stopped) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, raise_stopped) for s in (signal.SIGTERM, signal.SIGINT)}
     stack = None
     try:
         with tempfile.TemporaryDirectory(prefix="cachetalk-up-") as run_dir:
