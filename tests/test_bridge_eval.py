@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from cachetalk.bridges.data import load_samples
 from cachetalk.bridges.evaluate import evaluate, format_table
@@ -14,6 +15,16 @@ QUESTIONS = [
     ("What colour is the sky on a clear day?", ["A. green", "B. blue"], 1),
     ("How many legs does a dog have?", ["A. four", "B. two", "C. six"], 0),
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Passes over a few dozen tokens are too small to split across threads; on a busy
+    # 2-core machine two threads made them about 10x slower (measured with torch 2.13).
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

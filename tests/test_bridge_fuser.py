@@ -13,6 +13,16 @@ from cachetalk.bridges.train import Encoded, new_fuser, prefill_layers, sample_l
 from cachetalk.server.models import load_model
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Passes over a few dozen tokens are too small to split across threads; on a busy
+    # 2-core machine two threads made them about 10x slower (measured with torch 2.13).
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def receiver():
     return load_model("smollm2-135m")
