@@ -39,7 +39,9 @@ def prefill(lm: LoadedModel, token_ids: list[int], cache: DynamicCache | None = 
     input_ids = torch.tensor([token_ids], device=lm.model.device)  # [1, tokens]
     past = cache.get_seq_length()
     positions = torch.arange(past, past + len(token_ids), device=lm.model.device).unsqueeze(0)
-    out = lm.model(input_ids=input_ids, cache=cache, position_ids=positions, use_cache=True)
+    # logits_to_keep=1: only the last position feeds sampling, and the LM head over every
+    # prompt position costs as much as the layers for a large vocabulary (Gemma 3: 262k).
+    out = lm.model(input_ids=input_ids, cache=cache, position_ids=positions, use_cache=True, logits_to_keep=1)
     return out.cache, out.logits[0, -1]
 
 
