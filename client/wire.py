@@ -26,7 +26,7 @@ import numpy as np
 FORMAT_VERSION = 1
 CONTENT_TYPE = "application/msgpack"
 
-# Wire dtype name -> numpy dtype that holds its bits (little-endian).
+# Wire dtype name -> numpy dtype that stores its bits (little-endian).
 DTYPES: dict[str, np.dtype] = {
     "float32": np.dtype("<f4"),
     "float16": np.dtype("<f2"),
@@ -111,7 +111,7 @@ def encode(cache: KVCache) -> bytes:
     header = cache.header
     _check_header_values(header.to_dict())
     if len(cache.layers) != header.num_layers:
-        raise WireFormatError("num_layers", f"header says {header.num_layers}, cache has {len(cache.layers)}")
+        raise WireFormatError("num_layers", f"header declares {header.num_layers} layers, but the cache has {len(cache.layers)}")
 
     expected = DTYPES[header.dtype]
     chunks = [_message_prefix(header)]
@@ -121,14 +121,14 @@ def encode(cache: KVCache) -> bytes:
                 raise WireFormatError("layers", f"layer {index} {part} has shape {array.shape}, "
                                       f"expected {header.layer_shape}")
             if array.dtype.itemsize != expected.itemsize or array.dtype.kind != expected.kind:
-                raise WireFormatError("dtype", f"layer {index} {part} is {array.dtype}, header says {header.dtype}")
+                raise WireFormatError("dtype", f"layer {index} {part} is {array.dtype}, but the header declares {header.dtype}")
             contiguous = np.ascontiguousarray(array, dtype=expected)
             chunks.append(memoryview(contiguous).cast("B") if contiguous.size else b"")
     return b"".join(chunks)
 
 
 def _message_prefix(header: KVHeader) -> bytes:
-    """The msgpack bytes before the body: map of 2, "header" and its map, "body" and a bin header."""
+    """Build the msgpack bytes before the body: a map of 2, "header" and its map, "body" and a bin header."""
     packer = msgpack.Packer(use_bin_type=True)
     size = header.body_size()
     if size < 1 << 8:
@@ -201,7 +201,7 @@ def _read_bin(view: memoryview, offset: int) -> memoryview | None:
         raise WireFormatError("body", "the message ends inside the body's length field; it is truncated")
     size = int.from_bytes(view[offset + 1:start], "big")
     if start + size != len(view):
-        raise WireFormatError("body", f"has {len(view) - start} bytes after its length field, which says {size}; "
+        raise WireFormatError("body", f"has {len(view) - start} bytes after its length field, which declares {size}; "
                               "the message is truncated or has trailing data")
     return view[start:start + size]
 

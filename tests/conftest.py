@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 # Broker fixtures (test bridges, a broker process) live in tests/broker_fixtures.py.
-pytest_plugins = ["broker_fixtures"]
+pytest_plugins = ["broker_fixtures", "bridge_fixtures"]
 
 # Upper bound for an agent to return 200 on /health. A first start converts the
 # default models from GGUF, which takes about a minute on a 2-core CPU.

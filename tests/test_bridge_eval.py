@@ -3,13 +3,11 @@
 import json
 
 import pytest
-import torch
 
 from cachetalk.bridges.data import load_samples
 from cachetalk.bridges.evaluate import evaluate, format_table
 from cachetalk.bridges.store import Bridge
 from cachetalk.bridges.train import new_fuser
-from cachetalk.server.models import load_model
 
 QUESTIONS = [
     ("What colour is the sky on a clear day?", ["A. green", "B. blue"], 1),
@@ -17,24 +15,7 @@ QUESTIONS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Passes over a few dozen tokens are too small to split across threads; on a busy
-    # 2-core machine two threads made them about 10x slower (measured with torch 2.13).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def receiver():
-    return load_model("smollm2-135m")
-
-
-@pytest.fixture(scope="module")
-def sharer():
-    return load_model("gemma3-270m")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_untrained_bridges_match_receiver(receiver, sharer, tmp_path):

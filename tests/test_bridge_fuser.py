@@ -10,27 +10,9 @@ from cachetalk.bridges.fuser import Fuser, FuserConfig, terminal_layer_map
 from cachetalk.bridges.store import (BridgeFormatError, BridgeMismatchError, default_bridge_dir, load_bridge,
                                      save_bridge)
 from cachetalk.bridges.train import Encoded, new_fuser, prefill_layers, sample_loss
-from cachetalk.server.models import load_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Passes over a few dozen tokens are too small to split across threads; on a busy
-    # 2-core machine two threads made them about 10x slower (measured with torch 2.13).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def receiver():
-    return load_model("smollm2-135m")
-
-
-@pytest.fixture(scope="module")
-def sharer():
-    return load_model("gemma3-270m")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import torch
 
 from cachetalk.bridges.data import letter, load_samples, split_of
 from cachetalk.bridges.train import TrainConfig, encode_sample, new_fuser, train, validation_loss
-from cachetalk.server.models import load_model
 
 FACTS = [
     ("What is the code word?", "The code word is zebra."),
@@ -18,24 +17,7 @@ FACTS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Passes over a few dozen tokens are too small to split across threads; on a busy
-    # 2-core machine two threads made them about 10x slower (measured with torch 2.13).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def receiver():
-    return load_model("smollm2-135m")
-
-
-@pytest.fixture(scope="module")
-def sharer():
-    return load_model("gemma3-270m")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture()
