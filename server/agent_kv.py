@@ -89,7 +89,7 @@ def kv_router(runtime: ModelRuntime) -> APIRouter:
 
         prompt_tokens = cached_tokens + len(body.token_ids)
         params = sampling_params(lm, prompt_tokens, body.max_tokens, body.temperature, body.top_p, body.seed,
-                                 body.stop_list(), where="prompt")
+                                 body.stop_list(), where="prompt", ignore_eos=body.ignore_eos)
         stream = DecodeStream(runtime, request, cache, body.token_ids, params, prompt_tokens)
         request.state.log_details.update(cached_tokens=cached_tokens, import_ms=import_ms)
 

@@ -70,6 +70,7 @@ class ChatBody(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = 1
+    ignore_eos: bool = False
     stream_options: dict | None = None
     cachetalk: Extension = Extension()
 
@@ -142,7 +143,7 @@ class Broker:
         sharers = options.sharers if mode != "solo" else []
 
         sampling = {"max_tokens": body.max_completion_tokens or body.max_tokens, "temperature": body.temperature,
-                    "top_p": body.top_p, "seed": body.seed, "stop": body.stop}
+                    "top_p": body.top_p, "seed": body.seed, "stop": body.stop, "ignore_eos": body.ignore_eos or None}
         sampling = {name: value for name, value in sampling.items() if value is not None}
         return ChatRequest(request_id, body.model, sharers, mode, options.bridge, body.messages, sampling)
 

@@ -58,6 +58,7 @@ class SamplingRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="only one choice per request is supported")
+    ignore_eos: bool = Field(False, description="vLLM's extension: decode past end-of-sequence up to max_tokens")
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -137,6 +138,7 @@ class KVGenerateRequest(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
+    ignore_eos: bool = False
     allow_dtype_cast: bool = False
     request_id: str | None = None
 

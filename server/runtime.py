@@ -137,7 +137,8 @@ def check_token_ids(lm: LoadedModel, token_ids: list[int], param: str) -> None:
 
 
 def sampling_params(lm: LoadedModel, prompt_tokens: int, max_tokens: int | None, temperature: float | None,
-                    top_p: float | None, seed: int | None, stop: list[str], where: str) -> SamplingParams:
+                    top_p: float | None, seed: int | None, stop: list[str], where: str,
+                    ignore_eos: bool = False) -> SamplingParams:
     """Build sampling settings with OpenAI's defaults, or raise the context-overflow error.
 
     Without `max_tokens` the completion may fill the rest of the context.
@@ -149,7 +150,7 @@ def sampling_params(lm: LoadedModel, prompt_tokens: int, max_tokens: int | None,
     if prompt_tokens + completion > limit:
         raise context_overflow(limit, prompt_tokens, completion, where)
     return SamplingParams(max_tokens=completion, temperature=1.0 if temperature is None else temperature,
-                          top_p=1.0 if top_p is None else top_p, seed=seed, stop=stop)
+                          top_p=1.0 if top_p is None else top_p, seed=seed, stop=stop, ignore_eos=ignore_eos)
 
 
 class DecodeStream:

@@ -246,7 +246,7 @@ def running_decodes(agent: AgentProcess) -> float:
 
 
 # Counting to 3,000 keeps a model busy for minutes unless the request is cancelled.
-COUNTING = {"prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "max_tokens": 3000, "temperature": 0}
+COUNTING = {"prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "max_tokens": 3000, "temperature": 0, "ignore_eos": True}
 
 
 @pytest.mark.slow

@@ -111,6 +111,19 @@ def test_chat_stream_stop_honoured(smollm):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_ignore_eos_decodes_to_max_tokens(smollm):
+    question = [{"role": "user", "content": "What is 2+2?"}]
+    plain = smollm.chat.completions.create(model="smollm2-135m", messages=question, max_tokens=24, temperature=0)
+    assert plain.choices[0].finish_reason == "stop"
+    assert plain.usage.completion_tokens < 24
+
+    forced = smollm.chat.completions.create(model="smollm2-135m", messages=question, max_tokens=24, temperature=0,
+                                            extra_body={"ignore_eos": True})
+    assert forced.choices[0].finish_reason == "length"
+    assert forced.usage.completion_tokens == 24
+    assert forced.choices[0].message.content.startswith(plain.choices[0].message.content)
+
+
 def test_seed_repeats_sampling(smollm):
     texts = [smollm.completions.create(model="smollm2-135m", prompt=PROMPT, max_tokens=8, temperature=1.0,
                                        top_p=0.95, seed=1234).choices[0].text for _ in range(2)]

@@ -21,6 +21,9 @@ pytestmark = pytest.mark.slow
 
 VICTIM = "victim"  # the broker's name for an agent that the tests kill
 LONG_QUESTION = "Write a long story about a lighthouse keeper and her cat."
+# ignore_eos holds the receiver to all 400 tokens, so an early end-of-sequence cannot finish the request
+# before the test kills the agent or hangs up.
+LONG = {"max_tokens": 400, "ignore_eos": True}
 WAIT_S = 120
 
 
@@ -81,7 +84,7 @@ def test_killed_agent_is_502_then_recovers(victim_agent, tmp_path):
     try:
         with Client(broker.url, timeout=300) as client:
             # Non-streamed: kill the agent while it decodes.
-            pending = run_in_thread(lambda: client.chat(LONG_QUESTION, model=VICTIM, max_tokens=400))
+            pending = run_in_thread(lambda: client.chat(LONG_QUESTION, model=VICTIM, **LONG))
             wait_for_metric(agent.url, "cachetalk:num_requests_running", lambda v: v >= 1)
             agent.process.kill()
             agent.process.wait()
@@ -106,7 +109,7 @@ def test_killed_agent_is_502_then_recovers(victim_agent, tmp_path):
             assert client.health().agents[VICTIM].status == "ok"
 
             # Streamed: the error arrives as the last event and the SDK raises it.
-            stream = client.chat_stream(LONG_QUESTION, model=VICTIM, max_tokens=400)
+            stream = client.chat_stream(LONG_QUESTION, model=VICTIM, **LONG)
             chunks = iter(stream)
             next(chunks)
             wait_for_metric(agent.url, "cachetalk:num_requests_running", lambda v: v >= 1)
@@ -128,7 +131,7 @@ def test_slow_agent_is_504(smollm_agent, tmp_path):
     try:
         with Client(broker.url, timeout=300) as client:
             with pytest.raises(AgentTimeoutError) as error:
-                client.chat(LONG_QUESTION, model=RECEIVER, max_tokens=400)
+                client.chat(LONG_QUESTION, model=RECEIVER, **LONG)
             assert error.value.status == 504
             assert RECEIVER in error.value.message
             assert "timed out" in error.value.message
@@ -153,8 +156,8 @@ def post_and_hang_up_later(url: str, body: dict) -> socket.socket:
 @pytest.mark.parametrize("stream", [True, False])
 def test_client_disconnect_cancels_agent_work(broker, smollm_agent, mode, stream):
     extension = {"sharers": [SHARER], "mode": mode} if mode == "c2c" else {"mode": "solo"}
-    body = {"model": RECEIVER, "messages": [{"role": "user", "content": LONG_QUESTION}], "max_tokens": 400,
-            "stream": stream, "cachetalk": extension}
+    body = {"model": RECEIVER, "messages": [{"role": "user", "content": LONG_QUESTION}], **LONG, "stream": stream,
+            "cachetalk": extension}
     finished_before = metric(smollm_agent.url, "cachetalk:request_success_total")
 
     sock = post_and_hang_up_later(broker.url, body)

@@ -125,6 +125,18 @@ def test_same_model_handoff_equals_solo(client, solo_text):
     assert reply.cachetalk.timings.bridge_ms is None
 
 
+@pytest.mark.parametrize("mode", ["c2c", "t2t", "solo"])
+def test_ignore_eos_reaches_the_receiver(client, mode):
+    sharers = None if mode == "solo" else [SHARER]
+    short = client.chat("What is 2+2?", model=RECEIVER, max_tokens=24, temperature=0)
+    assert short.usage.completion_tokens < 24  # the receiver alone stops early
+
+    reply = client.chat("What is 2+2?", model=RECEIVER, sharers=sharers, mode=mode, bridge="closed-gate"
+                        if mode == "c2c" else None, max_tokens=24, temperature=0, ignore_eos=True)
+    assert reply.finish_reason == "length"
+    assert reply.usage.completion_tokens == 24
+
+
 def test_two_sharers_fuse_in_turn(client, solo_text):
     reply = ask(client, sharers=[SHARER, SECOND_RECEIVER], bridge="closed-gate")
 
