@@ -32,7 +32,7 @@ from cachetalk.server.errors import install_error_handlers
 from cachetalk.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from cachetalk.server.middleware import BodyLimitMiddleware, RequestLogMiddleware
 from cachetalk.server.openai_api import ModelCard, ModelList
-from cachetalk.server.runtime import ModelRuntime
+from cachetalk.server.runtime import DEFAULT_MAX_BATCH, DEFAULT_MAX_BATCH_TOKENS, ModelRuntime
 
 if TYPE_CHECKING:
     from cachetalk.server.models import LoadedModel
@@ -46,15 +46,17 @@ GRACEFUL_SHUTDOWN_S = 5
 
 def create_app(model_spec: str, max_body_bytes: int = DEFAULT_MAX_BODY_MB << 20, lm: LoadedModel | None = None,
                load: bool = True, threads: int | None = None,
-               on_load_failure: Callable[[], None] | None = None) -> FastAPI:
+               on_load_failure: Callable[[], None] | None = None, max_batch: int | None = None,
+               max_batch_tokens: int | None = None) -> FastAPI:
     """Build the agent's ASGI app for `model_spec` (a short name, folder, GGUF file or hub id).
 
     With `lm` the app serves that already loaded model. Otherwise, when `load` is set, the
     app's startup begins loading the model in a background thread and calls
     `on_load_failure()` if that fails. `threads` sets PyTorch's CPU thread count, for
-    the whole process, before loading.
+    the whole process, before loading. `max_batch` and `max_batch_tokens` cap the decode
+    steps of concurrent requests that run as one batch (rows and padded cache positions).
     """
-    runtime = ModelRuntime(model_spec, lm, threads)
+    runtime = ModelRuntime(model_spec, lm, threads, max_batch, max_batch_tokens)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -105,6 +107,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for model computation (default: PyTorch's choice, one per core); "
                              "lower it when several agents share a machine")
+    parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                        help="most concurrent requests whose decode steps run as one batch "
+                             f"(default {DEFAULT_MAX_BATCH}; 1 turns batching off)")
+    parser.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
+                        help="cap on rows x longest cache in a decode batch, which bounds the padded copy each "
+                             f"batched step makes (default {DEFAULT_MAX_BATCH_TOKENS})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,9 +120,11 @@ def run(args: argparse.Namespace) -> int:
     if args.max_body_mb <= 0:
         logger.error("--max-body-mb must be positive, got %d", args.max_body_mb)
         return 2
-    if args.threads is not None and args.threads <= 0:
-        logger.error("--threads must be positive, got %d", args.threads)
-        return 2
+    for option in ("threads", "max_batch", "max_batch_tokens"):
+        value = getattr(args, option)
+        if value is not None and value <= 0:
+            logger.error("--%s must be positive, got %d", option.replace("_", "-"), value)
+            return 2
     server: uvicorn.Server | None = None
     failed = False
 
@@ -124,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
         server.should_exit = True
 
     app = create_app(args.model, max_body_bytes=args.max_body_mb << 20, threads=args.threads,
-                     on_load_failure=stop_on_failure)
+                     on_load_failure=stop_on_failure, max_batch=args.max_batch,
+                     max_batch_tokens=args.max_batch_tokens)
     # log_config=None keeps the logging set up by the command line; the request log
     # middleware replaces uvicorn's access log.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=False,

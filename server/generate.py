@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import DynamicCache
@@ -12,6 +13,9 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopP
 
 from cachetalk.server.kv import prefill
 from cachetalk.server.models import LoadedModel
+
+if TYPE_CHECKING:
+    from cachetalk.server.batching import StepBatcher
 
 
 @dataclass
@@ -68,10 +72,14 @@ def _split_at_stop(text: str, stops: list[str]) -> tuple[str, bool, str]:
 
 
 def decode(lm: LoadedModel, cache: DynamicCache, token_ids: list[int], params: SamplingParams,
-           lock: threading.Lock | None = None, cancel: threading.Event | None = None) -> Iterator[Step]:
+           lock: threading.Lock | None = None, cancel: threading.Event | None = None,
+           batcher: StepBatcher | None = None) -> Iterator[Step]:
     """Feed `token_ids` after `cache`, then generate up to `params.max_tokens` tokens.
 
     `token_ids` must not be empty: the logits of its last token give the first new token.
+    The prompt runs under `lock`. Each new token then goes through `batcher`, which runs
+    the steps of concurrent requests as one batch; without a batcher, each token runs
+    alone under `lock`.
     """
     if not token_ids:
         raise ValueError("decode needs at least one token after the cache")
@@ -84,6 +92,16 @@ def decode(lm: LoadedModel, cache: DynamicCache, token_ids: list[int], params: S
     with lock:
         cache, logits = prefill(lm, token_ids, cache)
 
+    if batcher is None:
+        yield from _continue(lm, cache, logits, params, generator, eos, cancel, lock=lock)
+    else:
+        with batcher.member():
+            yield from _continue(lm, cache, logits, params, generator, eos, cancel, batcher=batcher)
+
+
+def _continue(lm: LoadedModel, cache: DynamicCache, logits: torch.Tensor, params: SamplingParams,
+              generator: torch.Generator | None, eos: set[int], cancel: threading.Event | None,
+              lock: threading.Lock | None = None, batcher: StepBatcher | None = None) -> Iterator[Step]:
     generated: list[int] = []
     released = 0
     for index in range(params.max_tokens):
@@ -108,6 +126,9 @@ def decode(lm: LoadedModel, cache: DynamicCache, token_ids: list[int], params: S
             return
         yield Step(token, delta)
 
-        with lock:
-            cache, logits = prefill(lm, [token], cache)
+        if batcher is not None:
+            cache, logits = batcher.step(cache, token)
+        else:
+            with lock:
+                cache, logits = prefill(lm, [token], cache)
     yield Step(None, "", "length")  # only reached with max_tokens == 0

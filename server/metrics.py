@@ -14,6 +14,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 # Latency buckets in seconds, from a few milliseconds (a short prompt on a GPU) to
 # minutes (a long prompt plus a long answer on a CPU).
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 # Request paths counted under their own label. Other paths are counted as "other", so
 # that arbitrary URLs cannot grow the number of series.
@@ -45,6 +46,8 @@ class ServerMetrics:
                                           labels, registry=self.registry)
         self.running = Gauge("cachetalk:num_requests_running", "Decoding threads at work, including those of cancelled requests until they stop",
                              labels, registry=self.registry)
+        self.decode_batch_size = Histogram("cachetalk:decode_batch_size", "Requests per batched decode step",
+                                           labels, buckets=BATCH_BUCKETS, registry=self.registry)
         self.ttft = Histogram("cachetalk:time_to_first_token_seconds", "Time from request to first token",
                               labels, buckets=LATENCY_BUCKETS, registry=self.registry)
         self.e2e = Histogram("cachetalk:e2e_request_latency_seconds", "Time from request to last token",

@@ -2,8 +2,9 @@
 
 The model is loaded in a background thread so that the HTTP server responds to /health
 (503) while it loads. Model calls take one lock per model, because a CPU model gains
-nothing from running two forward passes at once; decoding holds it for one forward
-pass at a time, so concurrent requests interleave token by token.
+nothing from running two forward passes at once. Prompts run one at a time; the decode
+steps of concurrent requests go through a `StepBatcher`, which runs them as one batched
+forward pass between prompts.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from cachetalk.server.openai_api import ChatMessage
 # so that the HTTP server binds and responds to /health within a second of starting. The
 # functions that need them run only once the model has loaded and import them inside.
 if TYPE_CHECKING:
+    from cachetalk.server.batching import StepBatcher
     from cachetalk.server.generate import SamplingParams, Step
     from cachetalk.server.models import LoadedModel
 
@@ -35,18 +37,29 @@ DISCONNECT_POLL_S = 0.25
 
 _END = object()
 
+# Decode batching (see batching.py): rows per batch, and rows x longest cache, which
+# bounds the padded copy of the caches that each batched step makes.
+DEFAULT_MAX_BATCH = 16
+DEFAULT_MAX_BATCH_TOKENS = 8192
+
 
 class ModelRuntime:
     """The state of an agent: one model behind a lock, loaded in the background."""
 
-    def __init__(self, spec: str, lm: LoadedModel | None = None, threads: int | None = None):
+    def __init__(self, spec: str, lm: LoadedModel | None = None, threads: int | None = None,
+                 max_batch: int | None = None, max_batch_tokens: int | None = None):
         self.spec = spec
         self.threads = threads
+        self.max_batch = max_batch
+        self.max_batch_tokens = max_batch_tokens
+        self.batcher: StepBatcher | None = None
         self.lm = lm
         self.load_error: str | None = None
         self.loaded_at = int(time.time()) if lm is not None else None
         self.lock = threading.Lock()
         self.metrics = ServerMetrics(lm.name if lm is not None else spec)
+        if lm is not None:
+            self._make_batcher(lm)
 
     def start_loading(self, on_failure: Callable[[], None] | None = None) -> threading.Thread:
         thread = threading.Thread(target=self._load, args=(on_failure,), name="model-loader", daemon=True)
@@ -74,10 +87,18 @@ class ModelRuntime:
                 on_failure()
             return
         self.metrics.model = lm.name
+        self._make_batcher(lm)
         self.loaded_at = int(time.time())
         self.lm = lm
         logger.info("model %s ready in %.1f s (context length %d)", lm.name, time.perf_counter() - started,
                     lm.context_length)
+
+    def _make_batcher(self, lm: LoadedModel) -> None:
+        from cachetalk.server.batching import StepBatcher
+
+        sizes = self.metrics.decode_batch_size.labels(lm.name)
+        self.batcher = StepBatcher(lm, self.lock, self.max_batch or DEFAULT_MAX_BATCH,
+                                   self.max_batch_tokens or DEFAULT_MAX_BATCH_TOKENS, observe=sizes.observe)
 
     def require(self, requested: str | None = None) -> LoadedModel:
         """Return the loaded model, or raise 503 while loading and 404 for another model's name."""
@@ -209,7 +230,7 @@ class DecodeStream:
             running.inc()
             try:
                 for step in decode(self.runtime.lm, self.cache, self.token_ids, self.params, self.runtime.lock,
-                                   self.cancel):
+                                   self.cancel, self.runtime.batcher):
                     post(step)
             except Cancelled:
                 pass
