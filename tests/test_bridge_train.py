@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 import torch
 
-from cachetalk.bridges.data import letter, load_samples, split_of
+from cachetalk.bridges.data import gpqa_samples, letter, load_samples, split_of
 from cachetalk.bridges.train import TrainConfig, encode_sample, new_fuser, train, validation_loss
 
 FACTS = [
@@ -130,3 +130,25 @@ def test_bigbench_splits(tasks_dir):
 def test_unknown_bigbench_task(tasks_dir):
     with pytest.raises(FileNotFoundError, match="no_such_task"):
         load_samples("bigbench:no_such_task", "all", tasks_dir=tasks_dir)
+
+
+def test_gpqa_rows_to_chat():
+    row = {"Question": "Which gas do plants take in?", "Correct Answer": "carbon dioxide",
+           "Incorrect Answer 1": "helium", "Incorrect Answer 2": "neon", "Incorrect Answer 3": "argon"}
+    samples = gpqa_samples([row] * 8)
+    for sample in samples:
+        user, assistant = sample.messages
+        assert user["content"].startswith("Which gas do plants take in?\n\nOptions:\n")
+        assert sorted(option[3:] for option in sample.options) == ["argon", "carbon dioxide", "helium", "neon"]
+        assert sample.options[sample.answer].endswith(". carbon dioxide")
+        assert assistant == {"role": "assistant", "content": sample.options[sample.answer]}
+        assert sample.task == "gpqa"
+    # Shuffled per question, so the right option is not always in the same place.
+    assert len({sample.answer for sample in samples}) > 1
+
+
+def test_gpqa_from_its_wheel():
+    samples = load_samples("gpqa")
+    assert len(samples) == 198  # GPQA Diamond
+    assert all(len(sample.options) == 4 and sample.answer in range(4) for sample in samples)
+    assert len(load_samples("gpqa", max_per_task=5)) == 5
