@@ -79,10 +79,21 @@ def note_concurrency(results: dict) -> str:
     concurrency = results["concurrency"]
     levels = sorted(int(level) for level, entry in concurrency.items() if isinstance(entry, dict))
     rates = ", ".join(f"{level}: {concurrency[str(level)]['requests_per_s']:.3f}/s" for level in levels)
-    return (f"requests/s by concurrency: {rates}. Each agent runs one forward pass at a time (one lock per "
-            "model, no batching), so concurrency can only overlap the sharer, the receiver and the broker's "
-            f"bridge work of different requests; all of them share {results['meta']['machine']['cpu_count']} "
-            "CPU cores.")
+    cores = results["meta"]["machine"]["cpu_count"]
+    max_batch = results["meta"].get("agent_max_batch")
+    batching = (f"Agents batch the decode steps of concurrent requests (up to {max_batch} per step), but run one "
+                "prompt at a time" if max_batch and max_batch > 1 else "Agents ran without decode batching, one "
+                "forward pass at a time")
+    stages = ((results.get("latency") or {}).get("c2c") or {}).get("stages") or {}
+    if {"sharer_prefill_ms", "receiver_prefill_ms", "decode_ms"} <= stages.keys():
+        costs = (f": one c2c request costs a sharer prompt pass of {stages['sharer_prefill_ms']['median_ms']:.0f} ms "
+                 f"and a receiver prompt pass of {stages['receiver_prefill_ms']['median_ms']:.0f} ms against "
+                 f"{stages['decode_ms']['median_ms']:.0f} ms of decoding (medians, one request at a time)")
+    else:
+        costs = ""
+    return (f"requests/s by concurrency: {rates}. {batching}{costs}. Prompt passes are compute-bound and both "
+            f"agents, the broker and the client share {cores} CPU cores, so more requests in flight queue for "
+            "the same cores.")
 
 
 def measured_values(results: dict) -> list[float | None]:

@@ -40,7 +40,8 @@ def cache_of(layers: Layers) -> DynamicCache:
 
 
 @torch.inference_mode()
-def batched_step(lm: LoadedModel, caches: list[DynamicCache], tokens: list[int]) -> list[tuple[DynamicCache, torch.Tensor]]:
+def batched_step(lm: LoadedModel, caches: list[DynamicCache],
+                 tokens: list[int]) -> list[tuple[DynamicCache, torch.Tensor]]:
     """Feed one token after each cache in one forward pass; return each row's (cache, logits)."""
     lengths = [cache.get_seq_length() for cache in caches]
     longest = max(lengths)
@@ -48,7 +49,7 @@ def batched_step(lm: LoadedModel, caches: list[DynamicCache], tokens: list[int])
     padded: Layers = []
     for index in range(len(caches[0].layers)):
         first = caches[0].layers[index].keys
-        shape = (rows, first.shape[1], longest, first.shape[3])
+        shape = (rows, first.shape[1], longest, first.shape[3])  # [rows, kv_heads, longest, head_dim]
         keys, values = first.new_zeros(shape), first.new_zeros(shape)
         for row, (cache, length) in enumerate(zip(caches, lengths)):
             keys[row, :, longest - length:] = cache.layers[index].keys[0]
@@ -56,11 +57,12 @@ def batched_step(lm: LoadedModel, caches: list[DynamicCache], tokens: list[int])
         padded.append((keys, values))
 
     device = lm.model.device
-    mask = torch.ones(rows, longest + 1, dtype=torch.long, device=device)
+    mask = torch.ones(rows, longest + 1, dtype=torch.long, device=device)  # [rows, cached + new token]
     for row, length in enumerate(lengths):
         mask[row, :longest - length] = 0
-    input_ids = torch.tensor([[token] for token in tokens], device=device)
-    positions = torch.tensor([[length] for length in lengths], device=device)
+    input_ids = torch.tensor([[token] for token in tokens], device=device)  # [rows, 1]
+    # Each row's own position: padding shifts where a row's cache starts, not its positions.
+    positions = torch.tensor([[length] for length in lengths], device=device)  # [rows, 1]
     out = lm.model(input_ids=input_ids, cache=cache_of(padded), attention_mask=mask, position_ids=positions,
                    use_cache=True)
 

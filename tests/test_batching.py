@@ -6,6 +6,7 @@ with a tolerance and greedy choices exactly.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +15,7 @@ import httpx
 import pytest
 import torch
 
+from cachetalk.benchmarks import decode as decode_benchmark
 from cachetalk.server.batching import StepBatcher, batched_step
 from cachetalk.server.kv import prefill
 
@@ -143,3 +145,10 @@ def test_agent_batches_concurrent_requests(smollm_agent):
     steps, rows = count - count_before, total - sum_before
     assert rows == 4 * 39  # every token after the first comes from one decode step
     assert steps < rows  # some steps carried more than one request
+
+
+def test_decode_benchmark_counts_every_token(smollm_agent):
+    result = asyncio.run(decode_benchmark.run_level(smollm_agent.url, concurrency=2, requests=3, max_tokens=5))
+    assert result["requests"] == 3
+    assert result["n"] == 3
+    assert result["tokens_per_s"] == pytest.approx(15 / result["wall_s"])
