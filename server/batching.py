@@ -95,6 +95,9 @@ class StepBatcher:
     up to `max_batch` rows and `max_batch_tokens` padded positions, and wakes the others
     with their results. Without the wait, members that are still sampling their last
     token would miss the batch and form a small one of their own.
+
+    NOTE: prompt passes and decode batches take the model lock in no set order, so a
+    steady stream of new prompts can hold decoding back for several prompt passes.
     """
 
     def __init__(self, lm: LoadedModel, lock: threading.Lock, max_batch: int = DEFAULT_MAX_BATCH,
