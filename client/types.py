@@ -203,6 +203,7 @@ class AgentHealth(_Open):
 class Health(_Open):
     """`/health` of the broker: its own status and each agent's."""
 
-    status: str
+    status: str  # the broker's own: "ok" while it runs, whatever its agents' state
+    ready: bool | None = None  # every agent serves and every tokenizer is loaded
     tokenizers: str | None = None  # "loading" until the broker has every agent's tokenizer, then "ready"
     agents: dict[str, AgentHealth] = {}

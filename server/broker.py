@@ -171,9 +171,11 @@ class Broker:
         probes = await asyncio.gather(*(agent.health() for agent in self.agents.values()))
         agents = {name: {"url": agent.url, "status": status, "detail": detail}
                   for (name, agent), (status, detail) in zip(self.agents.items(), probes)}
-        # "tokenizers" is "ready" once every agent's tokenizer is loaded, so that the first
-        # c2c request does not pay for it; requests are served in any state.
-        return {"status": "ok", "tokenizers": self.tokenizers_state, "agents": agents}
+        # "status" is the broker's own, so it stays "ok" while an agent is down or loading.
+        # "ready" says whether every agent serves and every tokenizer is loaded, so that a
+        # c2c request neither gets 503 nor pays for loading a tokenizer.
+        ready = self.tokenizers_state == "ready" and all(entry["status"] == "ok" for entry in agents.values())
+        return {"status": "ok", "ready": ready, "tokenizers": self.tokenizers_state, "agents": agents}
 
     async def agent_list(self) -> list[dict]:
         health = (await self.health())["agents"]

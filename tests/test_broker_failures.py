@@ -98,6 +98,7 @@ def test_killed_agent_is_502_then_recovers(victim_agent, tmp_path):
             health = client.health()
             assert health.status == "ok"
             assert health.agents[VICTIM].status == "unreachable"
+            assert health.ready is False
             with pytest.raises(AgentError) as down:
                 client.chat("Hi", model=VICTIM, max_tokens=2)
             assert VICTIM in down.value.message

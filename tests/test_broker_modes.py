@@ -246,7 +246,9 @@ def test_health_reports_tokenizers_ready(client):
     while client.health().tokenizers == "loading" and time.monotonic() < deadline:
         time.sleep(0.5)
 
-    assert client.health().tokenizers == "ready"
+    health = client.health()
+    assert health.tokenizers == "ready"
+    assert health.ready is True
 
 
 def test_metrics_expose_stage_histograms(broker, client):
