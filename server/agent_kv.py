@@ -88,8 +88,7 @@ def kv_router(runtime: ModelRuntime) -> APIRouter:
         runtime.metrics.kv_imported_tokens.labels(lm.name).inc(cached_tokens)
 
         prompt_tokens = cached_tokens + len(body.token_ids)
-        params = sampling_params(lm, prompt_tokens, body.max_tokens, body.temperature, body.top_p, body.seed,
-                                 body.stop_list(), where="prompt", ignore_eos=body.ignore_eos)
+        params = sampling_params(lm, prompt_tokens, body, body.max_tokens, where="prompt")
         stream = DecodeStream(runtime, request, cache, body.token_ids, params, prompt_tokens)
         request.state.log_details.update(cached_tokens=cached_tokens, import_ms=import_ms)
 

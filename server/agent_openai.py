@@ -40,8 +40,7 @@ def openai_router(runtime: ModelRuntime) -> APIRouter:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         lm = runtime.require(body.model)
         prompt_ids = encode_messages(lm, body.messages)
-        params = sampling_params(lm, len(prompt_ids), body.max_new_tokens(), body.temperature, body.top_p,
-                                 body.seed, body.stop_list(), where="messages", ignore_eos=body.ignore_eos)
+        params = sampling_params(lm, len(prompt_ids), body, body.max_new_tokens(), where="messages")
         stream = DecodeStream(runtime, request, None, prompt_ids, params, len(prompt_ids))
         completion_id = f"chatcmpl-{request.state.request_id}"
 
@@ -61,8 +60,7 @@ def openai_router(runtime: ModelRuntime) -> APIRouter:
     async def completions(body: CompletionRequest, request: Request):
         lm = runtime.require(body.model)
         prompt_ids = encode_prompt(lm, body.prompt)
-        params = sampling_params(lm, len(prompt_ids), body.max_tokens, body.temperature, body.top_p,
-                                 body.seed, body.stop_list(), where="prompt", ignore_eos=body.ignore_eos)
+        params = sampling_params(lm, len(prompt_ids), body, body.max_tokens, where="prompt")
         stream = DecodeStream(runtime, request, None, prompt_ids, params, len(prompt_ids))
         completion_id = f"cmpl-{request.state.request_id}"
 

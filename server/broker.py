@@ -70,6 +70,8 @@ class ChatBody(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = 1
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
     ignore_eos: bool = False
     stream_options: dict | None = None
     cachetalk: Extension = Extension()
@@ -143,7 +145,9 @@ class Broker:
         sharers = options.sharers if mode != "solo" else []
 
         sampling = {"max_tokens": body.max_completion_tokens or body.max_tokens, "temperature": body.temperature,
-                    "top_p": body.top_p, "seed": body.seed, "stop": body.stop, "ignore_eos": body.ignore_eos or None}
+                    "top_p": body.top_p, "seed": body.seed, "stop": body.stop,
+                    "frequency_penalty": body.frequency_penalty, "presence_penalty": body.presence_penalty,
+                    "ignore_eos": body.ignore_eos or None}
         sampling = {name: value for name, value in sampling.items() if value is not None}
         return ChatRequest(request_id, body.model, sharers, mode, options.bridge, body.messages, sampling)
 

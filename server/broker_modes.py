@@ -45,7 +45,7 @@ class ChatRequest:
     mode: str  # "c2c", "t2t" or "solo"
     bridge: str | None  # a bridge name the client asked for, else the default for each pair
     messages: list[dict]
-    sampling: dict  # max_tokens, temperature, top_p, seed, stop, ignore_eos: only the ones the client set
+    sampling: dict  # the sampling fields the client set, as the agents' APIs name them
 
 
 @dataclass
@@ -273,7 +273,7 @@ def _fuse(plan: _Plan, base: bytes, sharer_caches: list[bytes], timer: Timer) ->
 
 def _generate_body(request: ChatRequest, cache: bytes, last_token: list[int]) -> bytes:
     body = {"cache": cache, "token_ids": last_token, "stream": True, "request_id": request.id}
-    for name in ("max_tokens", "temperature", "top_p", "seed", "ignore_eos"):
+    for name in ("max_tokens", "temperature", "top_p", "seed", "frequency_penalty", "presence_penalty", "ignore_eos"):
         if request.sampling.get(name) is not None:
             body[name] = request.sampling[name]
     stop = request.sampling.get("stop")

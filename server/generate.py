@@ -26,6 +26,8 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
 
 @dataclass
@@ -39,6 +41,16 @@ class Step:
 
 class Cancelled(Exception):
     """Decoding stopped because the client went away."""
+
+
+def penalize(logits: torch.Tensor, params: SamplingParams, generated: list[int]) -> torch.Tensor:
+    """Apply OpenAI's frequency and presence penalties for the tokens generated so far."""
+    if not generated or (params.frequency_penalty == 0 and params.presence_penalty == 0):
+        return logits
+    tokens, counts = torch.tensor(generated).unique(return_counts=True)
+    logits = logits.clone()
+    logits[tokens] -= params.frequency_penalty * counts.to(logits.dtype) + params.presence_penalty
+    return logits
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
@@ -107,7 +119,7 @@ def _continue(lm: LoadedModel, cache: DynamicCache, logits: torch.Tensor, params
     for index in range(params.max_tokens):
         if cancel is not None and cancel.is_set():
             raise Cancelled()
-        token = sample(logits.cpu(), params, generator)
+        token = sample(penalize(logits.cpu(), params, generated), params, generator)
         if token in eos:
             text = lm.tokenizer.decode(generated, skip_special_tokens=True)
             yield Step(None, _split_at_stop(text, params.stop)[0][released:], "stop")

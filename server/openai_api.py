@@ -58,6 +58,8 @@ class SamplingRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="only one choice per request is supported")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     ignore_eos: bool = Field(False, description="vLLM's extension: decode past end-of-sequence up to max_tokens")
 
     def stop_list(self) -> list[str]:
@@ -138,6 +140,8 @@ class KVGenerateRequest(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     ignore_eos: bool = False
     allow_dtype_cast: bool = False
     request_id: str | None = None

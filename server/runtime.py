@@ -20,7 +20,7 @@ from starlette.requests import Request
 
 from cachetalk.server.errors import APIError, bad_request, context_overflow, model_not_found
 from cachetalk.server.metrics import ServerMetrics
-from cachetalk.server.openai_api import ChatMessage
+from cachetalk.server.openai_api import ChatMessage, KVGenerateRequest, SamplingRequest
 
 # torch and transformers are imported by the model-loader thread, not at import time,
 # so that the HTTP server binds and responds to /health within a second of starting. The
@@ -36,6 +36,9 @@ logger = logging.getLogger(__name__)
 DISCONNECT_POLL_S = 0.25
 
 _END = object()
+
+# The request bodies that carry sampling fields: chat and text completions, and /v1/kv/generate.
+SamplingFields = SamplingRequest | KVGenerateRequest
 
 # Decode batching (see batching.py): rows per batch, and rows x longest cache, which
 # bounds the padded copy of the caches that each batched step makes.
@@ -157,10 +160,9 @@ def check_token_ids(lm: LoadedModel, token_ids: list[int], param: str) -> None:
                           param=param)
 
 
-def sampling_params(lm: LoadedModel, prompt_tokens: int, max_tokens: int | None, temperature: float | None,
-                    top_p: float | None, seed: int | None, stop: list[str], where: str,
-                    ignore_eos: bool = False) -> SamplingParams:
-    """Build sampling settings with OpenAI's defaults, or raise the context-overflow error.
+def sampling_params(lm: LoadedModel, prompt_tokens: int, body: SamplingFields, max_tokens: int | None,
+                    where: str) -> SamplingParams:
+    """Build sampling settings from a request body with OpenAI's defaults, or raise the context-overflow error.
 
     Without `max_tokens` the completion may fill the rest of the context.
     """
@@ -170,8 +172,10 @@ def sampling_params(lm: LoadedModel, prompt_tokens: int, max_tokens: int | None,
     completion = max_tokens if max_tokens is not None else max(limit - prompt_tokens, 1)
     if prompt_tokens + completion > limit:
         raise context_overflow(limit, prompt_tokens, completion, where)
-    return SamplingParams(max_tokens=completion, temperature=1.0 if temperature is None else temperature,
-                          top_p=1.0 if top_p is None else top_p, seed=seed, stop=stop, ignore_eos=ignore_eos)
+    return SamplingParams(max_tokens=completion, temperature=1.0 if body.temperature is None else body.temperature,
+                          top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, stop=body.stop_list(),
+                          ignore_eos=body.ignore_eos, frequency_penalty=body.frequency_penalty,
+                          presence_penalty=body.presence_penalty)
 
 
 class DecodeStream:

@@ -124,6 +124,16 @@ def test_ignore_eos_decodes_to_max_tokens(smollm):
     assert forced.choices[0].message.content.startswith(plain.choices[0].message.content)
 
 
+def test_frequency_penalty_curbs_repeats(smollm):
+    prompt = "red, green, red, green, red, green,"
+    plain = smollm.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=16, temperature=0)
+    penalized = smollm.completions.create(model="smollm2-135m", prompt=prompt, max_tokens=16, temperature=0,
+                                          frequency_penalty=2.0)
+    plain_text, penalized_text = plain.choices[0].text, penalized.choices[0].text
+    assert penalized_text != plain_text
+    assert penalized_text.count("blue") < plain_text.count("blue")
+
+
 def test_seed_repeats_sampling(smollm):
     texts = [smollm.completions.create(model="smollm2-135m", prompt=PROMPT, max_tokens=8, temperature=1.0,
                                        top_p=0.95, seed=1234).choices[0].text for _ in range(2)]

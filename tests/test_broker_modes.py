@@ -137,6 +137,18 @@ def test_ignore_eos_reaches_the_receiver(client, mode):
     assert reply.usage.completion_tokens == 24
 
 
+def test_penalties_reach_the_receiver(client):
+    question = "Say red, green, red, green, red, green."
+    plain = client.chat(question, model=RECEIVER, max_tokens=24, temperature=0)
+    penalized = client.chat(question, model=RECEIVER, max_tokens=24, temperature=0, frequency_penalty=2.0,
+                            presence_penalty=0.5)
+    assert penalized.text != plain.text
+
+    through_c2c = client.chat(question, model=RECEIVER, sharers=[SHARER], bridge="closed-gate", max_tokens=24,
+                              temperature=0, frequency_penalty=2.0, presence_penalty=0.5)
+    assert through_c2c.text == penalized.text
+
+
 def test_two_sharers_fuse_in_turn(client, solo_text):
     reply = ask(client, sharers=[SHARER, SECOND_RECEIVER], bridge="closed-gate")
 
