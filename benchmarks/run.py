@@ -35,6 +35,7 @@ from cachetalk.benchmarks.stack import (DEFAULT_BRIDGE, DEFAULT_SELF_BRIDGE, Bri
 from cachetalk.benchmarks.stats import paired_comparison
 from cachetalk.benchmarks.targets import check_targets
 from cachetalk.benchmarks.wire import ModelShape, run_wire_benchmark
+from cachetalk.bridges.data import DataUnavailableError
 from cachetalk.client import Client
 from cachetalk.server.models import load_model
 from cachetalk.server.runtime import DEFAULT_MAX_BATCH
@@ -287,7 +288,11 @@ def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     bridges = load_bridges(args)
     acc.check_heldout_tasks(bridges.bridge.card, args.heldout)
-    questions = acc.load_questions(args.training_tasks, args.heldout, args.per_task)
+    try:
+        questions = acc.load_questions(args.training_tasks, args.heldout, args.per_task)
+    except DataUnavailableError as exc:
+        logger.error("%s", exc)
+        return 1
     if not questions:
         logger.error("no multiple-choice questions in tasks %s", args.training_tasks + args.heldout)
         return 1

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from cachetalk.bridges.data import load_samples
+from cachetalk.bridges.data import DataUnavailableError, load_samples
 from cachetalk.bridges.evaluate import evaluate, format_table
 from cachetalk.bridges.store import load_bridge, save_bridge, update_card
 from cachetalk.bridges.train import TrainConfig, encode_sample, new_fuser, train
@@ -53,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e = actions.add_parser("eval", help="multiple-choice accuracy of receiver, sharer, C2C and self bridge")
     e.add_argument("--bridge", required=True, type=Path, help="bridge folder (sharer -> receiver)")
     e.add_argument("--self-bridge", type=Path, help="self bridge folder (receiver -> receiver)")
-    e.add_argument("--data", required=True, help="bigbench:TASK,TASK,... or a JSONL file with options")
+    e.add_argument("--data", required=True, help="bigbench:TASK,TASK,..., gpqa (GPQA Diamond) or a JSONL file "
+                   "with options")
     e.add_argument("--split", default="test", choices=["train", "validation", "test", "all"])
     e.add_argument("--limit", type=int, help="questions per task at most")
     e.add_argument("--max-prompt-tokens", type=int, default=384, help="longer prompts lose their middle")
@@ -143,4 +144,8 @@ def run_eval(args) -> int:
 def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    return run_train(args) if args.action == "train" else run_eval(args)
+    try:
+        return run_train(args) if args.action == "train" else run_eval(args)
+    except DataUnavailableError as exc:
+        logger.error("%s", exc)
+        return 1

@@ -59,6 +59,10 @@ SPLIT_SEED = "cachetalk-bigbench-v1"
 INSTRUCTION = "Answer with the letter and text of the correct option."
 
 
+class DataUnavailableError(RuntimeError):
+    """A dataset that could not be fetched or verified. The message gives the alternatives."""
+
+
 @dataclass
 class Sample:
     """A chat whose last message is the response, plus the options when it is multiple choice."""
@@ -141,21 +145,23 @@ def fetch_bigbench_archive() -> Path:
 
     url, listed = _bigbench_url()
     if listed != BIGBENCH_SHA256:
-        raise RuntimeError(f"PyPI lists sha256 {listed} for {BIGBENCH_FILE}, expected {BIGBENCH_SHA256}")
+        raise DataUnavailableError(f"PyPI lists sha256 {listed} for {BIGBENCH_FILE}, expected {BIGBENCH_SHA256}")
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
     logger.info("downloading %s (358 MB) from %s", BIGBENCH_FILE, url)
     with httpx.stream("GET", url, timeout=120, follow_redirects=True) as response, partial.open("wb") as out:
         if response.status_code != 200:
-            raise RuntimeError(f"downloading {url} failed with HTTP {response.status_code}; put {BIGBENCH_FILE} "
+            raise DataUnavailableError(f"downloading {url} failed with HTTP {response.status_code}. Put {BIGBENCH_FILE} "
                                f"(sha256 {BIGBENCH_SHA256}) at {target}, or set {BIGBENCH_DIR_ENV} to a folder "
-                               "of BIG-bench TASK/task.json files")
+                               "of BIG-bench TASK/task.json files. To evaluate without BIG-bench, use GPQA "
+                               "Diamond: `cachetalk bridge eval --data gpqa` or `cachetalk bench --tasks none "
+                               "--heldout-tasks gpqa`")
         for block in response.iter_bytes(1 << 20):
             out.write(block)
     actual = sha256_file(partial)
     if actual != BIGBENCH_SHA256:
         partial.unlink()
-        raise RuntimeError(f"{BIGBENCH_FILE}: sha256 {actual} does not match {BIGBENCH_SHA256}")
+        raise DataUnavailableError(f"{BIGBENCH_FILE}: sha256 {actual} does not match {BIGBENCH_SHA256}")
     partial.rename(target)
     return target
 
