@@ -176,8 +176,8 @@ class Broker:
         agents = {name: {"url": agent.url, "status": status, "detail": detail}
                   for (name, agent), (status, detail) in zip(self.agents.items(), probes)}
         # "status" is the broker's own, so it stays "ok" while an agent is down or loading.
-        # "ready" says whether every agent serves and every tokenizer is loaded, so that a
-        # c2c request neither gets 503 nor pays for loading a tokenizer.
+        # "ready" is true once every agent serves and every tokenizer is loaded: from then on
+        # a c2c request neither gets 503 nor waits for a tokenizer to load.
         ready = self.tokenizers_state == "ready" and all(entry["status"] == "ok" for entry in agents.values())
         return {"status": "ok", "ready": ready, "tokenizers": self.tokenizers_state, "agents": agents}
 

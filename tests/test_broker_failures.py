@@ -21,8 +21,8 @@ pytestmark = pytest.mark.slow
 
 VICTIM = "victim"  # the broker's name for an agent that the tests kill
 LONG_QUESTION = "Write a long story about a lighthouse keeper and her cat."
-# ignore_eos holds the receiver to all 400 tokens, so an early end-of-sequence cannot finish the request
-# before the test kills the agent or hangs up.
+# With ignore_eos the receiver decodes all 400 tokens, so an early end-of-sequence cannot finish the
+# request before the test kills the agent or hangs up.
 LONG = {"max_tokens": 400, "ignore_eos": True}
 WAIT_S = 120
 
